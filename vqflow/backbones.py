@@ -53,7 +53,7 @@ def packaged_state_dict(name: str) -> dict[str, torch.Tensor]:
     for (src_key, src), (dst_key, dst) in zip(source.items(), target.items()):
         if src.shape != dst.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
             raise ValueError(f"{path}: {src_key} {tuple(src.shape)} does not pair with {dst_key} {tuple(dst.shape)}")
-        remapped[dst_key] = src
+        remapped[dst_key] = src.contiguous()
     return remapped
 
 

@@ -38,13 +38,19 @@ def _rng(seed: int, *keys: object) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(key))
 
 
+DESIGN_SIZE = 256  # geometry is written in pixels of a 256 px image and scaled to the requested size
+
+
 def _grid(size: int) -> tuple[Array, Array]:
+    """Pixel-centre coordinates in design units, so every size shows the same scene."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
-    return x, y
+    scale = DESIGN_SIZE / size
+    return x * scale, y * scale
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> Array:
-    noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="wrap")
+    """Unit-variance smooth noise; ``sigma`` is in design pixels."""
+    noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma * size / DESIGN_SIZE, mode="wrap")
     return noise / (noise.std() + 1e-12)
 
 
@@ -77,7 +83,7 @@ def _fabric_scene(rng: np.random.Generator, size: int) -> Scene:
 def _fabric(scene: Scene, size: int) -> Array:
     p = scene.params
     x, y = _grid(size)
-    u, v = _rotate(x, y, size / 2, size / 2, p["angle"])
+    u, v = _rotate(x, y, DESIGN_SIZE / 2, DESIGN_SIZE / 2, p["angle"])
     u, v = u + p["shift"][0], v + p["shift"][1]
     period = p["period"]
     over = np.sin(np.pi * u / period) * np.sin(np.pi * v / period) > 0
@@ -111,9 +117,9 @@ def _wood(scene: Scene, size: int) -> Array:
 def _washer_scene(rng: np.random.Generator, size: int) -> Scene:
     return Scene(
         {
-            "center": size / 2 + rng.uniform(-10, 10, 2),
-            "r_in": size * rng.uniform(0.21, 0.23),
-            "r_out": size * rng.uniform(0.38, 0.40),
+            "center": DESIGN_SIZE / 2 + rng.uniform(-10, 10, 2),
+            "r_in": DESIGN_SIZE * rng.uniform(0.21, 0.23),
+            "r_out": DESIGN_SIZE * rng.uniform(0.38, 0.40),
             "light": rng.uniform(0, 2 * np.pi),
             "gain": rng.uniform(0.9, 1.1),
             "background": _smooth_noise(rng, size, 6.0),
@@ -147,7 +153,7 @@ _CHIP_PARTS = ((-70, -60, 0.0), (70, -60, 0.0), (-70, 60, np.pi / 2), (70, 60, n
 def _chip_scene(rng: np.random.Generator, size: int) -> Scene:
     return Scene(
         {
-            "center": size / 2 + rng.uniform(-6, 6, 2),
+            "center": DESIGN_SIZE / 2 + rng.uniform(-6, 6, 2),
             "board": _smooth_noise(rng, size, 1.5),
             "gain": rng.uniform(0.92, 1.08),
             "parts": [list(part) for part in _CHIP_PARTS],
@@ -191,8 +197,11 @@ def _chip(scene: Scene, size: int) -> Array:
 
 
 def _draw(size: int, paint: Callable[[ImageDraw.ImageDraw], None]) -> Array:
-    canvas = Image.new("L", (size, size), 0)
+    """A binary shape drawn in design units, sampled (nearest) at the requested size."""
+    canvas = Image.new("L", (DESIGN_SIZE, DESIGN_SIZE), 0)
     paint(ImageDraw.Draw(canvas))
+    if size != DESIGN_SIZE:
+        canvas = canvas.resize((size, size), Image.NEAREST)
     return np.asarray(canvas) > 0
 
 
@@ -202,7 +211,7 @@ def _anchor(scene: Scene, rng: np.random.Generator, size: int) -> Array:
         radius = rng.uniform(scene.params["r_in"] + 8, scene.params["r_out"] - 8)
         angle = rng.uniform(0, 2 * np.pi)
         return scene.params["center"] + radius * np.array([np.cos(angle), np.sin(angle)])
-    return rng.uniform(0.2 * size, 0.8 * size, 2)
+    return rng.uniform(0.2 * DESIGN_SIZE, 0.8 * DESIGN_SIZE, 2)
 
 
 def _scratch(scene: Scene, clean: Array, rng: np.random.Generator, size: int) -> tuple[Array, Array]:
@@ -356,7 +365,7 @@ def render_sample(
         altered, mask = spec.defects[defect](scene, clean, rng, size)
         image = _to_uint8(np.where(mask[..., None], altered + noise, clean + noise))
         visible = (image != clean_u8).any(axis=-1) & mask
-        if visible.sum() >= MIN_DEFECT_PIXELS:
+        if visible.sum() >= max(4, MIN_DEFECT_PIXELS * size * size // DESIGN_SIZE**2):
             return image, mask, clean_u8
     raise RuntimeError(f"could not place a visible {defect} defect on {category} #{index}")
 

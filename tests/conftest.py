@@ -1,0 +1,33 @@
+"""Shared fixtures: small generated datasets, the shared real data folder, quiet offline tools."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VQFLOW_SHARED", ROOT.parent / "shared")).resolve()
+SHARED_DATA = SHARED / "data"
+
+for key, value in {
+    "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def needs_shared(*parts: str):
+    path = SHARED_DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"real data not available: {path} is absent (../shared is not beside the repo)")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A small synthetic MVTec-layout tree: 2 categories, 64 px."""
+    from vqflow.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("tiny") / "synthetic"
+    return generate(root, ["fabric", "chip"], train_per_category=6, test_good_per_category=2, test_per_defect=1,
+                    size=64, seed=3, progress=False)
