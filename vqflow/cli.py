@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import ParamsError, load_params, section
+from . import stages
+from .config import ParamsError, load_params
 
 STAGES: dict[str, Callable[[dict, argparse.Namespace], None]] = {}
 
@@ -23,43 +24,37 @@ def stage(name: str):
 @stage("generate")
 def generate_stage(params: dict, args: argparse.Namespace) -> None:
     """Write the embedded synthetic dataset (MVTec AD layout)."""
-    from .data.synthetic import generate
-
-    p = section(params, "generate", ("root",))
-    root = generate(
-        p["root"], p.get("categories"), int(p.get("train_per_category", 60)), int(p.get("test_good_per_category", 12)),
-        int(p.get("test_per_defect", 5)), int(p.get("size", 256)), int(p.get("seed", 0)),
-    )
-    print(f"wrote synthetic dataset to {root}")
+    print(f"wrote synthetic dataset to {stages.generate(params)}")
 
 
 @stage("prepare")
 def prepare_stage(params: dict, args: argparse.Namespace) -> None:
     """Read the configured sources and write the manifest (with the seeded validation split)."""
-    from .data import read_sources
-    from .data.manifest import build_manifest, write_manifest
-
-    p = section(params, "prepare", ("sources", "manifest"))
-    frame = build_manifest(read_sources(p["sources"]), float(p.get("val_fraction", 0.1)), int(p.get("seed", 0)))
-    write_manifest(frame, p["manifest"])
+    frame = stages.prepare(params)
     counts = frame.groupby(["category", "split"]).size().unstack(fill_value=0)
-    print(f"wrote {p['manifest']}: {len(frame)} images\n{counts.to_string()}")
+    print(f"wrote {params['prepare']['manifest']}: {len(frame)} images\n{counts.to_string()}")
 
 
 @stage("features")
 def features_stage(params: dict, args: argparse.Namespace) -> None:
     """Extract and cache the backbone pyramid of every manifest image."""
-    from .data.manifest import manifest_hash, read_manifest
-    from .features import BackboneSpec, extract_features
+    index = stages.features(params)
+    print(f"feature cache {params['features']['cache']}: {len(index['entries'])} images, "
+          f"{len(index['shards'])} shards, key {index['key']}")
 
-    manifest_path = section(params, "prepare", ("manifest",))["manifest"]
-    p = section(params, "features", ("backbone", "image_size", "cache"))
-    spec = BackboneSpec.from_params(p)
-    index = extract_features(
-        read_manifest(manifest_path), spec, manifest_hash(manifest_path), p["cache"],
-        int(p.get("shard_size", 64)), int(p.get("batch_size", 16)), str(p.get("device", "auto")),
-    )
-    print(f"feature cache {p['cache']}: {len(index['entries'])} images, {len(index['shards'])} shards, key {index['key']}")
+
+@stage("train")
+def train_stage(params: dict, args: argparse.Namespace) -> None:
+    """Train the configured model (model.name) on the cached features of the train split."""
+    print(f"saved model to {stages.train(params)}")
+
+
+@stage("evaluate")
+def evaluate_stage(params: dict, args: argparse.Namespace) -> None:
+    """Score the test split and write per-category metrics."""
+    from .report import print_metrics
+
+    print_metrics(stages.evaluate(params))
 
 
 @stage("summary")
@@ -79,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         STAGES[args.stage](load_params(args.params), args)
-    except (ParamsError, FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+    except (ParamsError, FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"vqflow {args.stage}: error: {message}", file=sys.stderr)
         return 2

@@ -37,3 +37,17 @@ def print_summary(params: dict, console: Console | None = None) -> None:
             f"({index['backbone']['weights']}) at {index['backbone']['image_size']} px, "
             f"{size / 2**20:.1f} MiB in {len(index['shards'])} shards"
         )
+
+
+def print_metrics(metrics: dict, console: Console | None = None) -> None:
+    """Per-category metric table with the mean row last (values in percent)."""
+    console = console or Console()
+    names = list(metrics["mean"].keys())
+    table = Table(title=f"Test metrics, model {metrics.get('model', '?')} (%)")
+    table.add_column("category")
+    for name in names:
+        table.add_column(name.replace("_", " "), justify="right")
+    rows = list(metrics["per_category"].items()) + [("mean", metrics["mean"])]
+    for category, values in rows:
+        table.add_row(category, *(f"{100 * values[n]:.1f}" for n in names), style="bold" if category == "mean" else None)
+    console.print(table)

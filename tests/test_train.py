@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_vqflow_model import TINY, tiny_features
+from vqflow.models import create_model, make_config
+from vqflow.train import Checkpoint, TrainConfig, learning_rate, seed_everything, train_model
+
+CFG = TrainConfig(epochs=4, batch_size=4, lr=1e-3, warmup_epochs=1, checkpoint_every=1, init_images=8, seed=5)
+
+
+def _fresh(name="vqflow"):
+    seed_everything(CFG.seed)
+    return create_model(name, make_config(name, TINY))
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_epochs=2, lr_decay_epochs=[5], lr_decay=0.1)
+    assert learning_rate(cfg, 0, 0, 10) == pytest.approx(0.1)
+    assert learning_rate(cfg, 1, 0, 10) == pytest.approx(0.55)
+    assert learning_rate(cfg, 3, 0, 10) == 1.0 and learning_rate(cfg, 5, 0, 10) == pytest.approx(0.1)
+
+
+def test_training_lowers_the_loss_and_logs_usage():
+    history = train_model(_fresh(), tiny_features(12), CFG, torch.device("cpu"), progress=False)
+    assert len(history) == 4 and history[-1]["flow"] < history[0]["flow"]
+    for key in ("loss", "flow", "cpc", "cspc", "cpc_perplexity", "cpc_used", "cspc0_perplexity", "cspc2_used", "lr"):
+        assert key in history[0]
+    assert 0 < history[-1]["cpc_used"] <= 1 and history[-1]["cspc0_perplexity"] >= 1
+
+
+@pytest.mark.parametrize("name", ["vqflow", "msflow"])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name):
+    features = tiny_features(12)
+    whole = _fresh(name)
+    full_history = train_model(whole, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "a", "k"), progress=False)
+
+    interrupted = _fresh(name)
+    partial = train_model(interrupted, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "b", "k"),
+                          progress=False, stop_after_epoch=2)
+    assert len(partial) == 2
+    resumed = _fresh(name)  # a new process would start from scratch and find the checkpoint
+    history = train_model(resumed, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "b", "k"), progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history] == [h["loss"] for h in full_history]
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    progress = json.loads((tmp_path / "b" / "progress.json").read_text())
+    assert progress["epoch"] == 3
+
+
+def test_checkpoint_of_another_configuration_is_ignored(tmp_path):
+    features = tiny_features(12)
+    train_model(_fresh(), features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "c", "old"), progress=False,
+                stop_after_epoch=2)
+    history = train_model(_fresh(), features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "c", "new"), progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_divergence_is_reported():
+    model = _fresh()
+    features = [f * np.float32(1e30) for f in tiny_features(12)]
+    with pytest.raises(FloatingPointError, match="loss is"):
+        train_model(model, features, CFG, torch.device("cpu"), progress=False)

@@ -1,0 +1,175 @@
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal
+
+from vqflow.models import create_model, load_model, make_config, save_model
+from vqflow.models.cadm import gaussian_log_density, mixture_log_density, summed_log_density
+from vqflow.models.flows import FusionCoupling, parallel_flow
+
+TINY = dict(in_channels=[4, 6, 8, 10], image_size=32, embed_dim=8, pe_channels=4, num_prototypes=3,
+            num_patterns=5, flow_blocks=[1, 2, 2])
+
+
+def tiny_features(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, 32 // s, 32 // s, generator=g) for c, s in zip(TINY["in_channels"], (4, 8, 16, 32))]
+
+
+def _randomize(model, seed=0):
+    """Zero-initialised last layers make a fresh flow the identity: perturb every parameter so tests bite."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _model(name="vqflow", **overrides):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = create_model(name, make_config(name, {**TINY, **overrides}))
+    model.initialize(tiny_features(8, seed=1))
+    return _randomize(model).eval()
+
+
+@pytest.mark.parametrize("cond", [0, 3])
+def test_parallel_flow_is_invertible(cond):
+    torch.manual_seed(0)
+    flow = _randomize(parallel_flow(6, 5, 5, 3, cond, 1.9))
+    x, c = torch.randn(2, 6, 5, 5), ([torch.randn(2, 3, 5, 5)] if cond else None)
+    z, logdet = flow(x, c=c)
+    back, inv_logdet = flow(z, c=c, rev=True)
+    assert (back - x).abs().max() < 1e-4
+    torch.testing.assert_close(logdet, -inv_logdet, atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_coupling_is_invertible():
+    torch.manual_seed(0)
+    fusion = _randomize(FusionCoupling([4, 6, 8], cond_channels=5))
+    xs = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4), torch.randn(2, 8, 2, 2)]
+    proto = torch.randn(2, 5)
+    zs, logdet = fusion(xs, proto)
+    back, inv = fusion(zs, proto, rev=True)
+    assert max((b - x).abs().max() for b, x in zip(back, xs)) < 1e-4
+    torch.testing.assert_close(logdet, -inv, atol=1e-4, rtol=1e-4)
+
+
+def _jacobian_logdet(fn, x):
+    jac = torch.autograd.functional.jacobian(fn, x)
+    return torch.linalg.slogdet(jac.reshape(x.numel(), x.numel()).double())[1]
+
+
+def test_flow_logdet_equals_autograd_jacobian():
+    torch.manual_seed(0)
+    flow = _randomize(parallel_flow(4, 2, 2, 2, 2, 1.9)).double()
+    x, c = torch.randn(1, 4, 2, 2, dtype=torch.float64), torch.randn(1, 2, 2, 2, dtype=torch.float64)
+    expected = _jacobian_logdet(lambda v: flow(v, c=[c])[0], x)
+    torch.testing.assert_close(flow(x, c=[c])[1][0], expected, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["vqflow", "msflow"])
+def test_whole_model_invertible_and_logdet_matches_autograd(name):
+    model = _model(name).double()
+    feats = [f.double()[:1] for f in tiny_features(1)]
+    pooled = [model.pool(f) for f in feats[:3]]
+    proto = model._prototype(feats[3]).output if model.config.cpc else None
+    conds, _ = model._conditions(pooled, proto)
+    zs, logdet = model.transform(pooled, conds, proto)
+    back, _ = model.transform(zs, conds, proto, rev=True)
+    assert max((b - x).abs().max() for b, x in zip(back, pooled)) < 1e-4
+
+    sizes = [p.numel() for p in pooled]
+    flat = torch.cat([p.flatten() for p in pooled])
+
+    def fn(v):
+        parts = [chunk.view_as(p) for chunk, p in zip(torch.split(v, sizes), pooled)]
+        return torch.cat([z.flatten() for z in model.transform(parts, conds, proto)[0]])
+
+    jac = torch.autograd.functional.jacobian(fn, flat)
+    torch.testing.assert_close(logdet[0], torch.linalg.slogdet(jac)[1], atol=1e-6, rtol=1e-6)
+
+
+def test_cadm_log_density_equals_torch_normal():
+    g = torch.Generator().manual_seed(0)
+    z, mean, log_scale = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 1, 1, generator=g), torch.randn(3, 4, 1, 1, generator=g)
+    expected = Normal(mean, log_scale.exp()).log_prob(z)
+    torch.testing.assert_close(gaussian_log_density(z, mean, log_scale), expected)
+    zs = [z, torch.randn(3, 2, 2, 2, generator=g)]
+    params = [(mean[:, :, 0, 0], log_scale[:, :, 0, 0]), (torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g))]
+    total = sum(Normal(m[:, :, None, None], s.exp()[:, :, None, None]).log_prob(zz).sum((1, 2, 3)) for zz, (m, s) in zip(zs, params))
+    torch.testing.assert_close(summed_log_density(zs, params), total)
+    standard = sum(Normal(0.0, 1.0).log_prob(zz).sum((1, 2, 3)) for zz in zs)
+    torch.testing.assert_close(summed_log_density(zs, None), standard)
+
+
+def test_soft_mixture_equals_brute_force_logsumexp():
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)]
+    k = 4
+    params = [(torch.randn(k, 3, generator=g), 0.5 * torch.randn(k, 3, generator=g)),
+              (torch.randn(k, 5, generator=g), 0.5 * torch.randn(k, 5, generator=g))]
+    log_w = torch.log_softmax(torch.randn(k, generator=g), 0)
+    brute = torch.stack([
+        log_w[j] + sum(Normal(m[j][None, :, None, None], s[j].exp()[None, :, None, None]).log_prob(z).sum((1, 2, 3))
+                       for z, (m, s) in zip(zs, params))
+        for j in range(k)
+    ], 1).logsumexp(1)
+    torch.testing.assert_close(mixture_log_density(zs, params, log_w), brute, atol=1e-3, rtol=1e-5)
+
+
+def test_log_likelihood_includes_minus_log_sigma():
+    """Scaling the base sigma by e must lower log p by (number of latent dims) nats for the same z."""
+    model = _model()
+    feats = tiny_features(2)
+    zs, logdet, proto_q, _ = model.encode(feats)
+    before = model.log_likelihood([torch.zeros_like(z) for z in zs], logdet, proto_q)
+    with torch.no_grad():
+        for head in model.base.means:
+            head[-1].weight.zero_(); head[-1].bias.zero_()
+        for head in model.base.log_scales:
+            head[-1].weight.zero_(); head[-1].bias.fill_(0.0)
+        base0 = model.log_likelihood([torch.zeros_like(z) for z in zs], logdet, proto_q)
+        for head in model.base.log_scales:
+            head[-1].bias.fill_(4.0 * float(np.arctanh(1 / 4.0)))  # log sigma = 1 after the soft bound
+        base1 = model.log_likelihood([torch.zeros_like(z) for z in zs], logdet, proto_q)
+    dims = sum(z[0].numel() for z in zs)
+    torch.testing.assert_close(base0 - base1, torch.full_like(base0, float(dims)), atol=1e-3, rtol=1e-5)
+    assert before.shape == (2,)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"cspc_mode": "naive"}, {"cadm_mixture": "soft"}, {"pe": False},
+                                       {"cspc": False}, {"cadm": False, "cspc": False}])
+def test_ablation_switches_train_and_predict(overrides):
+    model = _model(**overrides)
+    model.train()
+    out = model.training_step(tiny_features(4))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    model.eval()
+    pred = model.predict(tiny_features(3))
+    assert pred.scores.shape == (3,) and pred.maps.shape == (3, 32, 32)
+    assert (pred.maps >= 0).all() and (pred.scores >= 0).all()
+
+
+def test_invalid_switch_combination_is_named():
+    with pytest.raises(ValueError, match="model.cadm needs model.cpc"):
+        make_config("vqflow", {**TINY, "cpc": False})
+
+
+def test_msflow_is_vqflow_with_everything_off():
+    cfg = make_config("msflow", {**TINY, "cpc": True})
+    assert not (cfg.cpc or cfg.cspc or cfg.cadm or cfg.pe)
+
+
+def test_reloaded_model_gives_identical_scores(tmp_path):
+    model = _model()
+    save_model(model, "vqflow", model.config, tmp_path / "m")
+    loaded, meta = load_model(tmp_path / "m")
+    assert meta["model"] == "vqflow"
+    feats = tiny_features(5, seed=3)
+    a, b = model.predict(feats), loaded.predict(feats)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    assert torch.equal(a.extras["concept"], b.extras["concept"])
+    assert not list(tmp_path.glob("**/*.pt*")), "no pickle files"

@@ -1,0 +1,82 @@
+"""Model registry: a model is one file that registers a name, its config class and a builder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from safetensors.torch import load_file, save_file
+
+from ..io import atomic_dir
+from .base import AnomalyModel, Prediction, StepOutput
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    config_class: type
+    build: Callable[[Any], AnomalyModel]
+    overrides: dict[str, Any]
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, config_class: type, overrides: dict[str, Any] | None = None):
+    """Class decorator: ``@register_model("vqflow", VQFlowConfig)``; overrides fix config fields for a variant."""
+
+    def wrap(build: Callable[[Any], AnomalyModel]):
+        MODELS[name] = ModelEntry(config_class, build, dict(overrides or {}))
+        return build
+
+    return wrap
+
+
+def _load_builtin_models() -> None:
+    from . import vqflow  # noqa: F401  (registers vqflow and msflow)
+
+
+def make_config(name: str, params: dict[str, Any], **derived: Any):
+    """The config of model ``name`` from its params section plus derived fields (channels, image size)."""
+    _load_builtin_models()
+    if name not in MODELS:
+        raise ValueError(f"model.name: unknown model {name!r}; available: {sorted(MODELS)}")
+    entry = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(entry.config_class)}
+    values = {k: v for k, v in params.items() if k in fields}
+    values.update(derived)
+    values.update(entry.overrides)
+    return entry.config_class(**values)
+
+
+def create_model(name: str, config) -> AnomalyModel:
+    _load_builtin_models()
+    return MODELS[name].build(config)
+
+
+def save_model(model: AnomalyModel, name: str, config, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` into ``path`` atomically (no pickle anywhere)."""
+    with atomic_dir(path) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta = {"model": name, "config": dataclasses.asdict(config), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[AnomalyModel, dict[str, Any]]:
+    """Rebuild a saved model from its config and load its weights strictly. Returns (model, config.json)."""
+    path = Path(path)
+    for needed in ("config.json", "model.safetensors"):
+        if not (path / needed).is_file():
+            raise FileNotFoundError(f"{path / needed}: not a saved vqflow model")
+    meta = json.loads((path / "config.json").read_text())
+    config = make_config(meta["model"], meta["config"])
+    model = create_model(meta["model"], config)
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=device), strict=True)
+    return model.to(device).eval(), meta
+
+
+__all__ = ["AnomalyModel", "Prediction", "StepOutput", "MODELS", "register_model", "make_config", "create_model",
+           "save_model", "load_model"]

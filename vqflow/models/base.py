@@ -1,0 +1,42 @@
+"""The interface every anomaly model implements, so one loop trains them and one evaluator scores them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    """What a training step needs: the total loss, its named terms, and code indices for usage statistics."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    codes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """Per image: anomaly score (higher = more anomalous), anomaly map at input size, and model extras."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class AnomalyModel(nn.Module):
+    """A model over the cached backbone pyramid (list of 4 tensors at strides 4/8/16/32)."""
+
+    codebook_sizes: dict[str, int] = {}
+
+    def initialize(self, features: list[torch.Tensor]) -> None:
+        """Data-dependent initialisation before training (e.g. codebooks); default: nothing."""
+
+    def training_step(self, features: list[torch.Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, features: list[torch.Tensor]) -> Prediction:
+        raise NotImplementedError

@@ -1,0 +1,76 @@
+"""Small building blocks shared by the flow models."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from timm.layers import LayerNorm2d
+from torch import nn
+
+
+@lru_cache(maxsize=32)
+def _positional_encoding(channels: int, height: int, width: int) -> torch.Tensor:
+    if channels % 4:
+        raise ValueError(f"positional encoding channels must be a multiple of 4, got {channels}")
+    quarter = channels // 4
+    freq = torch.exp(torch.arange(quarter, dtype=torch.float64) * -(math.log(10000.0) / quarter))
+    ys = torch.arange(height, dtype=torch.float64)[:, None] * freq[None]
+    xs = torch.arange(width, dtype=torch.float64)[:, None] * freq[None]
+    pe = torch.zeros(channels, height, width, dtype=torch.float64)
+    pe[0:quarter] = torch.sin(xs).t()[:, None, :].expand(-1, height, -1)
+    pe[quarter:2 * quarter] = torch.cos(xs).t()[:, None, :].expand(-1, height, -1)
+    pe[2 * quarter:3 * quarter] = torch.sin(ys).t()[:, :, None].expand(-1, -1, width)
+    pe[3 * quarter:] = torch.cos(ys).t()[:, :, None].expand(-1, -1, width)
+    return pe.float()
+
+
+def positional_encoding_2d(channels: int, height: int, width: int) -> torch.Tensor:
+    """2-D sin/cos positional encoding (channels, height, width): half the channels for x, half for y."""
+    return _positional_encoding(channels, height, width).clone()
+
+
+class ConvSubnet(nn.Module):
+    """Coupling subnet of MSFlow: conv3x3 -> channel LayerNorm -> ReLU -> conv3x3, last layer zero-initialised."""
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels_in, channels_in, 3, padding=1),
+            LayerNorm2d(channels_in),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels_in, channels_out, 3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LinearSubnet(nn.Module):
+    """Coupling subnet of CFLOW-AD: Linear(in, 2 in) -> ReLU -> Linear."""
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(channels_in, 2 * channels_in), nn.ReLU(), nn.Linear(2 * channels_in, channels_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def mlp_bn(channels_in: int, channels_out: int) -> nn.Sequential:
+    """Linear-BN-ReLU-Linear-BN-ReLU: the CPC projection of the pooled top-stage feature."""
+    return nn.Sequential(
+        nn.Linear(channels_in, channels_out), nn.BatchNorm1d(channels_out), nn.ReLU(inplace=True),
+        nn.Linear(channels_out, channels_out), nn.BatchNorm1d(channels_out), nn.ReLU(inplace=True),
+    )
+
+
+def conv_bn(channels_in: int, channels_out: int) -> nn.Sequential:
+    """conv1x1-BN-ReLU-conv1x1-BN-ReLU: the CSPC per-pixel pattern projection."""
+    return nn.Sequential(
+        nn.Conv2d(channels_in, channels_out, 1), nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True),
+        nn.Conv2d(channels_out, channels_out, 1), nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True),
+    )

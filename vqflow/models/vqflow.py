@@ -1,0 +1,248 @@
+"""VQ-Flow (Zhou et al.): hierarchical vector quantisation conditions MSFlow's flows on concepts and patterns.
+
+With every switch off (``msflow``) this is the MSFlow baseline: parallel flows + fusion flow, N(0, I) base.
+
+- CPC: GAP(stage 4) -> MLP -> nearest of K_cp prototypes (EMA codebook, straight-through).
+- CSPC: per scale, conv1x1 patterns f_l; target t = [PE ; prototype]; the residual f_l - t is quantised with
+  K_csp codes and q_l = t + Q(f_l - t); the flow condition is [q_l ; prototype]. ``cspc_mode: naive`` is the
+  concept-agnostic ablation (CAPC): q_l = Q(f_l).
+- CADM: the base density of scale l is N(mu_l(c_k), sigma_l(c_k)^2), a proper log-density (with -log sigma);
+  ``cadm_mixture: soft`` uses the mixture over all prototypes with learned weights instead of the hard one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_model
+from .anomaly_map import add_map, mul_map, top_k_score
+from .base import AnomalyModel, Prediction, StepOutput
+from .cadm import ConceptGaussian, gaussian_log_density, mixture_log_density, summed_log_density
+from .flows import FusionCoupling, parallel_flow
+from .layers import conv_bn, mlp_bn, positional_encoding_2d
+from .quantize import VectorQuantizer
+
+
+@dataclass
+class VQFlowConfig:
+    in_channels: list[int] = field(default_factory=lambda: [24, 40, 112, 320])
+    image_size: int = 256
+    embed_dim: int = 64  # D (paper 256)
+    pe_channels: int = 16  # P (paper 32)
+    num_prototypes: int = 16  # K_cp (paper 32)
+    num_patterns: int = 128  # K_csp (paper 512)
+    flow_blocks: list[int] = field(default_factory=lambda: [2, 5, 8])
+    clamp: float = 1.9
+    cpc: bool = True
+    cspc: bool = True
+    cspc_mode: str = "residual"  # residual (CSPC) | naive (CAPC ablation)
+    cadm: bool = True
+    cadm_mixture: str = "hard"  # hard (paper) | soft (logsumexp over prototypes with learned weights)
+    pe: bool = True
+    vq_decay: float = 0.99
+    dead_fraction: float = 0.03
+    lambda_cpc: float = 1.0
+    lambda_cspc: float = 1.0
+    top_k: float = 0.03
+
+    def __post_init__(self):
+        if len(self.in_channels) != 4:
+            raise ValueError(f"vqflow needs the 4-stage pyramid, got channels {self.in_channels}")
+        if len(self.flow_blocks) != 3:
+            raise ValueError(f"model.flow_blocks needs 3 entries (one per scale), got {self.flow_blocks}")
+        if self.cadm and not self.cpc:
+            raise ValueError("model.cadm needs model.cpc: the base distribution is a function of the prototype")
+        if self.cspc_mode not in ("residual", "naive"):
+            raise ValueError(f"model.cspc_mode must be residual or naive, got {self.cspc_mode!r}")
+        if self.cadm_mixture not in ("hard", "soft"):
+            raise ValueError(f"model.cadm_mixture must be hard or soft, got {self.cadm_mixture!r}")
+        if self.cspc and self.cspc_mode == "residual" and not (self.cpc or self.pe):
+            raise ValueError("model.cspc (residual) quantises w.r.t. [PE ; prototype]: turn on cpc or pe, or use naive")
+
+    @property
+    def scale_sizes(self) -> list[int]:
+        """Spatial size of the three flow scales: stages 1-3 after AvgPool(3, 2, 1)."""
+        return [self.image_size // s for s in (8, 16, 32)]
+
+
+class VQFlow(AnomalyModel):
+    def __init__(self, config: VQFlowConfig):
+        super().__init__()
+        self.config = cfg = config
+        channels = cfg.in_channels[:3]
+        self.pool = nn.AvgPool2d(3, 2, 1)
+        pe_dim = cfg.pe_channels if cfg.pe else 0
+        proto_dim = cfg.embed_dim if cfg.cpc else 0
+        if cfg.cpc:
+            self.cpc_proj = mlp_bn(cfg.in_channels[3], cfg.embed_dim)
+            self.cpc_vq = VectorQuantizer(cfg.num_prototypes, cfg.embed_dim, cfg.vq_decay, dead_fraction=cfg.dead_fraction)
+        pattern_dim = (pe_dim + proto_dim) if cfg.cspc_mode == "residual" else (pe_dim + cfg.embed_dim)
+        if cfg.cspc:
+            self.cspc_proj = nn.ModuleList(conv_bn(c, pattern_dim) for c in channels)
+            self.cspc_vq = nn.ModuleList(
+                VectorQuantizer(cfg.num_patterns, pattern_dim, cfg.vq_decay, dead_fraction=cfg.dead_fraction) for _ in channels
+            )
+            cond_dim = pattern_dim + proto_dim
+        else:
+            cond_dim = pe_dim + proto_dim
+        self.cond_dim = cond_dim
+        self.flows = nn.ModuleList(
+            parallel_flow(c, s, s, b, cond_dim, cfg.clamp) for c, s, b in zip(channels, cfg.scale_sizes, cfg.flow_blocks)
+        )
+        self.fusion = FusionCoupling(channels, proto_dim, cfg.clamp)
+        if cfg.cadm:
+            self.base = ConceptGaussian(cfg.embed_dim, channels)
+            if cfg.cadm_mixture == "soft":
+                self.mixture_logits = nn.Parameter(torch.zeros(cfg.num_prototypes))
+        for size in cfg.scale_sizes:
+            self.register_buffer(f"pe_{size}", positional_encoding_2d(cfg.pe_channels, size, size), persistent=False)
+        self.codebook_sizes = {}
+        if cfg.cpc:
+            self.codebook_sizes["cpc"] = cfg.num_prototypes
+        if cfg.cspc:
+            self.codebook_sizes.update({f"cspc{l}": cfg.num_patterns for l in range(3)})
+
+    # ------------------------------------------------------------------------------------------ encoding
+
+    def _prototype(self, top: torch.Tensor):
+        g = self.cpc_proj(top.mean((2, 3)))
+        return self.cpc_vq(g)
+
+    def _conditions(self, pooled: list[torch.Tensor], proto: torch.Tensor | None):
+        cfg = self.config
+        conds, quantized = [], []
+        for l, x in enumerate(pooled):
+            b, _, h, w = x.shape
+            parts = []
+            if cfg.pe:
+                parts.append(getattr(self, f"pe_{h}")[None].expand(b, -1, -1, -1))
+            if proto is not None:
+                parts.append(proto[:, :, None, None].expand(-1, -1, h, w))
+            if cfg.cspc:
+                f = self.cspc_proj[l](x)
+                target = torch.cat(parts, 1) if cfg.cspc_mode == "residual" else None
+                source = f - target if target is not None else f
+                q = self.cspc_vq[l](source.permute(0, 2, 3, 1))
+                pattern = q.output.permute(0, 3, 1, 2)
+                pattern = pattern + target if target is not None else pattern
+                parts = [pattern] + ([parts[-1]] if proto is not None else [])
+                quantized.append(q)
+            conds.append(torch.cat(parts, 1) if parts else None)
+        return conds, quantized
+
+    def encode(self, features: list[torch.Tensor]):
+        """Run quantisation and flows: latents per scale, log|det J| per image, prototype info, VQ results."""
+        pooled = [self.pool(f) for f in features[:3]]
+        proto_q = self._prototype(features[3]) if self.config.cpc else None
+        proto = proto_q.output if proto_q is not None else None
+        conds, pattern_q = self._conditions(pooled, proto)
+        zs, logdet = self.transform(pooled, conds, proto)
+        return zs, logdet, proto_q, pattern_q
+
+    def transform(self, xs: list[torch.Tensor], conds: list, proto: torch.Tensor | None, rev: bool = False):
+        """The invertible part: parallel flows then fusion (or the inverse). Returns (outputs, log|det J|)."""
+        logdet = xs[0].new_zeros(xs[0].shape[0])
+        if rev:
+            xs, logdet = self.fusion(xs, proto, rev=True)
+        outs = []
+        for flow, x, c in zip(self.flows, xs, conds):
+            y, j = flow(x, c=[c] if c is not None else None, rev=rev)
+            outs.append(y)
+            logdet = logdet + j
+        if not rev:
+            outs, fusion_logdet = self.fusion(outs, proto)
+            logdet = logdet + fusion_logdet
+        return outs, logdet
+
+    def base_params(self, proto: torch.Tensor | None):
+        return self.base(proto) if self.config.cadm else None
+
+    def log_likelihood(self, zs, logdet, proto_q) -> torch.Tensor:
+        """log p(x) per image (in nats) under the configured base density."""
+        cfg = self.config
+        if cfg.cadm and cfg.cadm_mixture == "soft":
+            params = self.base(self.cpc_vq.codebook)
+            log_density = mixture_log_density(zs, params, torch.log_softmax(self.mixture_logits, 0))
+        else:
+            log_density = summed_log_density(zs, self.base_params(proto_q.output if proto_q is not None else None))
+        return log_density + logdet
+
+    # ------------------------------------------------------------------------------------------ training
+
+    @torch.no_grad()
+    def initialize(self, features: list[torch.Tensor]) -> None:
+        """k-means++ codebooks from the training data, level by level (prototypes first, then patterns)."""
+        was_training = self.training
+        self.train()
+        for vq in ([self.cpc_vq] if self.config.cpc else []) + (list(self.cspc_vq) if self.config.cspc else []):
+            vq.initialized.fill_(False)
+        if self.config.cpc:
+            g = self.cpc_proj(features[3].mean((2, 3)))
+            self.cpc_vq.initialize(g)
+        if self.config.cspc:
+            proto = self._prototype(features[3]).codes if self.config.cpc else None
+            pooled = [self.pool(f) for f in features[:3]]
+            cfg = self.config
+            for l, x in enumerate(pooled):
+                b, _, h, w = x.shape
+                parts = ([getattr(self, f"pe_{h}")[None].expand(b, -1, -1, -1)] if cfg.pe else []) + (
+                    [proto[:, :, None, None].expand(-1, -1, h, w)] if proto is not None else [])
+                f = self.cspc_proj[l](x)
+                source = f - torch.cat(parts, 1) if cfg.cspc_mode == "residual" else f
+                self.cspc_vq[l].initialize(source.permute(0, 2, 3, 1).reshape(-1, source.shape[1]))
+        self.train(was_training)
+
+    def training_step(self, features: list[torch.Tensor]) -> StepOutput:
+        zs, logdet, proto_q, pattern_q = self.encode(features)
+        dims = sum(z[0].numel() for z in zs)
+        flow_loss = -self.log_likelihood(zs, logdet, proto_q).mean() / dims
+        terms = {"flow": flow_loss}
+        codes = {}
+        loss = flow_loss
+        if proto_q is not None:
+            terms["cpc"] = proto_q.commitment
+            loss = loss + self.config.lambda_cpc * proto_q.commitment
+            codes["cpc"] = proto_q.indices
+        if pattern_q:
+            terms["cspc"] = sum(q.commitment for q in pattern_q) / len(pattern_q)
+            loss = loss + self.config.lambda_cspc * terms["cspc"]
+            codes.update({f"cspc{l}": q.indices for l, q in enumerate(pattern_q)})
+        return StepOutput(loss, terms, codes)
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def log_p_maps(self, zs, proto_q) -> list[torch.Tensor]:
+        """Per-scale per-pixel log p = -0.5 * mean over channels of the standardised z^2 (MSFlow's map)."""
+        params = self.base_params(proto_q.output if proto_q is not None else None)
+        maps = []
+        for l, z in enumerate(zs):
+            if params is not None:
+                mean, log_scale = (p[:, :, None, None] for p in params[l])
+                z = (z - mean) * torch.exp(-log_scale)
+            maps.append(-0.5 * (z * z).mean(1))
+        return maps
+
+    @torch.no_grad()
+    def predict(self, features: list[torch.Tensor]) -> Prediction:
+        zs, logdet, proto_q, _ = self.encode(features)
+        log_p = self.log_p_maps(zs, proto_q)
+        size = self.config.image_size
+        detection = mul_map(log_p, size)
+        extras = {"log_likelihood": self.log_likelihood(zs, logdet, proto_q)}
+        if proto_q is not None:
+            extras["concept"] = proto_q.indices
+        return Prediction(top_k_score(detection, self.config.top_k), add_map(log_p, size), extras)
+
+
+@register_model("vqflow", VQFlowConfig)
+def build_vqflow(config: VQFlowConfig) -> VQFlow:
+    return VQFlow(config)
+
+
+@register_model("msflow", VQFlowConfig, {"cpc": False, "cspc": False, "cadm": False, "pe": False})
+def build_msflow(config: VQFlowConfig) -> VQFlow:
+    return VQFlow(config)

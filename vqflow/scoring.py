@@ -1,0 +1,64 @@
+"""Scoring: run a trained model over cached features or raw images (one inference path for every caller)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .backbones import FeaturePyramid
+from .features import FeatureCache
+from .models import AnomalyModel
+
+
+@dataclass
+class Scored:
+    """Scores (N,), anomaly maps (N, S, S) float32 and extras (e.g. concept ids) of N images, in input order."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    extras: dict[str, np.ndarray]
+
+
+def _collect(outputs: list) -> Scored:
+    scores = np.concatenate([o.scores.cpu().numpy() for o in outputs]).astype(np.float64)
+    maps = np.concatenate([o.maps.cpu().numpy() for o in outputs]).astype(np.float32)
+    keys = outputs[0].extras.keys() if outputs else []
+    extras = {k: np.concatenate([o.extras[k].cpu().numpy() for o in outputs]) for k in keys}
+    return Scored(scores, maps, extras)
+
+
+@torch.inference_mode()
+def score_features(model: AnomalyModel, features: list[torch.Tensor], device: torch.device, batch_size: int = 16) -> Scored:
+    """Score pre-extracted pyramids (list of per-stage tensors)."""
+    model.eval().to(device)
+    outputs = []
+    for start in range(0, len(features[0]), batch_size):
+        outputs.append(model.predict([f[start: start + batch_size].to(device) for f in features]))
+    return _collect(outputs)
+
+
+def score_cached(
+    model: AnomalyModel, cache: FeatureCache, image_ids: Sequence[str], device: torch.device,
+    batch_size: int = 16, progress: bool = True,
+) -> Scored:
+    """Score images of the feature cache by id, a batch at a time (only one batch of features in memory)."""
+    model.eval().to(device)
+    outputs = []
+    ids = list(image_ids)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(ids), batch_size), desc="scoring", unit="batch", disable=not progress):
+            feats = cache.get(ids[start: start + batch_size])
+            outputs.append(model.predict([f.to(device) for f in feats]))
+    return _collect(outputs)
+
+
+@torch.inference_mode()
+def score_images(model: AnomalyModel, backbone: FeaturePyramid, images: torch.Tensor, device: torch.device) -> Scored:
+    """Score a batch of preprocessed images (B, 3, S, S) in [0, 1]: backbone, then the model."""
+    model.eval().to(device)
+    backbone.to(device)
+    return _collect([model.predict(backbone(images.to(device)))])

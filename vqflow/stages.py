@@ -1,0 +1,138 @@
+"""The pipeline stages as plain functions of params (the CLI, DVC and Prefect all call these)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import section
+
+
+def generate(params: dict) -> Path:
+    """Write the embedded synthetic dataset (MVTec AD layout)."""
+    from .data.synthetic import generate as write_dataset
+
+    p = section(params, "generate", ("root",))
+    return write_dataset(
+        p["root"], p.get("categories"), int(p.get("train_per_category", 60)), int(p.get("test_good_per_category", 12)),
+        int(p.get("test_per_defect", 5)), int(p.get("size", 256)), int(p.get("seed", 0)),
+    )
+
+
+def prepare(params: dict) -> pd.DataFrame:
+    """Read the configured sources and write the manifest (with the seeded validation split)."""
+    from .data import read_sources
+    from .data.manifest import build_manifest, write_manifest
+
+    p = section(params, "prepare", ("sources", "manifest"))
+    frame = build_manifest(read_sources(p["sources"]), float(p.get("val_fraction", 0.1)), int(p.get("seed", 0)))
+    write_manifest(frame, p["manifest"])
+    return frame
+
+
+def backbone_spec(params: dict):
+    from .features import BackboneSpec
+
+    return BackboneSpec.from_params(section(params, "features", ("backbone", "image_size")))
+
+
+def features(params: dict, shards: list[int] | None = None) -> dict:
+    """Extract and cache the backbone pyramid of every manifest image."""
+    from .data.manifest import manifest_hash, read_manifest
+    from .features import extract_features
+
+    manifest_path = section(params, "prepare", ("manifest",))["manifest"]
+    p = section(params, "features", ("cache",))
+    return extract_features(
+        read_manifest(manifest_path), backbone_spec(params), manifest_hash(manifest_path), p["cache"],
+        int(p.get("shard_size", 64)), int(p.get("batch_size", 16)), str(p.get("device", "auto")),
+    )
+
+
+def _manifest_and_cache(params: dict):
+    from .data.manifest import manifest_hash, read_manifest
+    from .features import FeatureCache
+
+    manifest_path = section(params, "prepare", ("manifest",))["manifest"]
+    cache = FeatureCache(section(params, "features", ("cache",))["cache"], backbone_spec(params), manifest_hash(manifest_path))
+    return read_manifest(manifest_path), cache
+
+
+def train(params: dict, stop_after_epoch: int | None = None) -> Path:
+    """Train the configured model on the train split (all categories mixed, no labels) and save it."""
+    from .backbones import resolve_device
+    from .models import create_model, make_config, save_model
+    from .train import Checkpoint, TrainConfig, fingerprint, seed_everything, train_model, write_history
+
+    manifest, cache = _manifest_and_cache(params)
+    model_params = dict(section(params, "model", ("name",)))
+    name = model_params.pop("name")
+    cfg = TrainConfig.from_params(dict(section(params, "train")))
+    config = make_config(name, model_params, in_channels=_channels(cache), image_size=cache.spec.image_size)
+    seed_everything(cfg.seed)
+    model = create_model(name, config)
+    train_ids = manifest.loc[manifest.split == "train", "image_id"].tolist()
+    features = cache.get(train_ids)
+    out = section(params, "outputs", ("model", "train_log", "checkpoints"))
+    key = fingerprint(name, model_params, cfg.__dict__, cache.index["key"])
+    checkpoint = Checkpoint(Path(out["checkpoints"]) / key, key)
+    device = resolve_device(cfg.device)
+    started = time.perf_counter()
+    history = train_model(
+        model, features, cfg, device, checkpoint, lambda h: write_history(out["train_log"], h),
+        stop_after_epoch=stop_after_epoch,
+    )
+    if len(history) < cfg.epochs:
+        raise RuntimeError(f"training stopped after epoch {len(history)} of {cfg.epochs}; run again to resume")
+    save_model(model, name, config, out["model"], {
+        "backbone": cache.index["backbone"], "feature_cache_key": cache.index["key"],
+        "train": cfg.__dict__, "train_images": len(train_ids), "train_seconds": time.perf_counter() - started,
+        "train_seconds_total": sum(row["seconds"] for row in history),
+    })
+    return Path(out["model"])
+
+
+def _channels(cache) -> list[int]:
+    first = cache.get([next(iter(cache.index["entries"]))])
+    return [int(f.shape[1]) for f in first]
+
+
+def evaluate(params: dict) -> dict:
+    """Score the test split, compute per-category and mean metrics, write the metrics JSON and scores CSV."""
+    from .backbones import resolve_device
+    from .data.images import load_mask, resize_mask
+    from .io import atomic_path, write_json
+    from .metrics import evaluate_categories
+    from .models import load_model
+    from .scoring import score_cached
+
+    manifest, cache = _manifest_and_cache(params)
+    out = section(params, "outputs", ("model", "metrics", "scores"))
+    p = section(params, "evaluate")
+    device = resolve_device(str(p.get("device", "auto")))
+    model, meta = load_model(out["model"], device=str(device))
+    test = manifest[manifest.split == "test"].reset_index(drop=True)
+    started = time.perf_counter()
+    scored = score_cached(model, cache, test.image_id.tolist(), device, int(p.get("batch_size", 16)))
+    seconds = time.perf_counter() - started
+    size = scored.maps.shape[-1]
+    masks = np.stack([
+        resize_mask(load_mask(m or None, (int(w), int(h))), size) for m, w, h in zip(test.mask_path, test.width, test.height)
+    ])
+    metrics = evaluate_categories(test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks)
+    metrics["model"] = meta["model"]
+    metrics["score_seconds_per_image"] = seconds / max(1, len(test))
+    write_json(out["metrics"], metrics)
+    frame = test[["image_id", "category", "label", "defect_type"]].copy()
+    frame["score"] = scored.scores
+    for key, values in scored.extras.items():
+        if values.ndim == 1:
+            frame[key] = values
+    with atomic_path(out["scores"]) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.8g")
+    return metrics

@@ -1,0 +1,202 @@
+"""The one training loop for every model: Adam with warmup, gradient clipping, a fixed number of epochs
+(never early stopping on test data), seeded shuffling, per-epoch logs of every loss term and codebook usage,
+checkpoints every N epochs and exact resumption after an interruption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .io import atomic_dir, write_json
+from .models import AnomalyModel
+from .models.quantize import perplexity
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_epochs: int = 2
+    lr_decay_epochs: list[int] = field(default_factory=list)
+    lr_decay: float = 0.1
+    grad_clip: float = 2.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 5
+    init_images: int = 64
+    device: str = "auto"
+
+    @classmethod
+    def from_params(cls, params: dict) -> "TrainConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"train: unknown params {unknown}; known: {sorted(known)}")
+        return cls(**params)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Linear warmup from 0.1 x lr over ``warmup_epochs``, then step decay at ``lr_decay_epochs``."""
+    progress = epoch + step / max(1, steps_per_epoch)
+    if progress < cfg.warmup_epochs:
+        return cfg.lr * (0.1 + 0.9 * progress / cfg.warmup_epochs)
+    return cfg.lr * cfg.lr_decay ** sum(epoch >= e for e in cfg.lr_decay_epochs)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Checkpoint:
+    """``checkpoint/`` holds model weights, optimizer state and RNG state (safetensors) plus progress (JSON)."""
+
+    def __init__(self, path: str | Path, fingerprint: str):
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def save(self, model: AnomalyModel, optimizer: torch.optim.Optimizer, epoch: int, history: list[dict]) -> None:
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        with atomic_dir(self.path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+            save_file({**opt_tensors, "rng.torch": torch.get_rng_state()}, str(tmp / "state.safetensors"))
+            (tmp / "progress.json").write_text(json.dumps(
+                {"fingerprint": self.fingerprint, "epoch": epoch, "history": history, "optimizer": opt_meta}))
+
+    def load(self, model: AnomalyModel, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]] | None:
+        """Restore and return (next epoch, history), or None when there is no compatible checkpoint."""
+        progress_path = self.path / "progress.json"
+        if not progress_path.is_file():
+            return None
+        progress = json.loads(progress_path.read_text())
+        if progress.get("fingerprint") != self.fingerprint:
+            return None
+        model.load_state_dict(load_file(str(self.path / "model.safetensors")), strict=True)
+        state = load_file(str(self.path / "state.safetensors"))
+        _restore_optimizer(optimizer, state, progress["optimizer"])
+        torch.set_rng_state(state["rng.torch"])
+        return progress["epoch"] + 1, progress["history"]
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_model(
+    model: AnomalyModel,
+    features: list[torch.Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+    checkpoint: Checkpoint | None = None,
+    log: Callable[[list[dict]], None] | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> list[dict]:
+    """Train ``model`` on the training features (list of per-stage tensors). Returns the per-epoch history.
+
+    ``stop_after_epoch`` ends the run early as an interruption would (used to test resumption).
+    """
+    count = len(features[0])
+    if count == 0:
+        raise ValueError("no training images")
+    seed_everything(cfg.seed)
+    model.to(device)
+    init_ids = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.init_images]
+    model.initialize([f[init_ids].to(device) for f in features])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, history = 0, []
+    if checkpoint is not None:
+        restored = checkpoint.load(model, optimizer)
+        if restored is not None:
+            start, history = restored
+    batch = min(cfg.batch_size, count)
+    steps = count // batch  # drop the ragged last batch: batch norm needs more than one sample
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        sums: dict[str, float] = {}
+        usage = {name: torch.zeros(size, dtype=torch.long) for name, size in model.codebook_sizes.items()}
+        started = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for step in bar:
+            lr = learning_rate(cfg, epoch, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids = order[step * batch: (step + 1) * batch]
+            out = model.training_step([f[ids].to(device, non_blocking=True) for f in features])
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {out.loss.item()} (lower train.lr?)")
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            for name, value in {"loss": out.loss, **out.terms, "grad_norm": grad_norm}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            for name, codes in out.codes.items():
+                usage[name] += torch.bincount(codes.flatten().cpu(), minlength=usage[name].numel())
+            bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
+        row = {"epoch": epoch + 1, "lr": lr, **{k: v / steps for k, v in sums.items()}}
+        for name, counts in usage.items():
+            row[f"{name}_perplexity"] = perplexity(counts)
+            row[f"{name}_used"] = float((counts > 0).float().mean())
+        row["seconds"] = time.perf_counter() - started
+        history.append(row)
+        if progress:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if log is not None:
+            log(history)
+        last = epoch + 1 == cfg.epochs
+        if checkpoint is not None and (last or (epoch + 1) % cfg.checkpoint_every == 0):
+            checkpoint.save(model, optimizer, epoch, history)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
+            break
+    return history
+
+
+def write_history(path: str | Path, history: list[dict]) -> None:
+    """The per-epoch log as a DVC plots file (a JSON list of rows)."""
+    write_json(path, history)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+__all__ = ["TrainConfig", "Checkpoint", "train_model", "write_history", "fingerprint", "learning_rate", "seed_everything"]
