@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,33 @@ def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
                     "manifest": "data/manifest.csv"},
         "features": {"backbone": "tf_efficientnet_lite0", "weights": "packaged", "image_size": 64,
                      "cache": "data/features", "shard_size": 4},
+        "model": {"name": "vqflow", "embed_dim": 8, "pe_channels": 4, "num_prototypes": 2, "num_patterns": 8,
+                  "flow_blocks": [1, 1, 1]},
+        "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1, "init_images": 4},
+        "evaluate": {"batch_size": 4}, "thresholds": {"target_frr": 0.01, "pixel_fpr": 0.005},
+        "outputs": {"model": "models/model", "checkpoints": "data/checkpoints", "train_log": "metrics/train_log.json",
+                    "metrics": "metrics/metrics.json", "scores": "metrics/scores.csv", "plots": "plots",
+                    "report": "reports/report.md"},
     }
-    for stage in ("generate", "prepare", "features", "summary"):
+    for stage in ("generate", "prepare", "features", "train", "evaluate", "summary"):
         result = _vqflow(tmp_path, params, stage)
         assert result.returncode == 0, result.stderr
     assert "wood" in result.stdout and "Feature cache: 9 images" in result.stdout
+    assert "Model: vqflow trained on 3 images" in result.stdout
+    metrics = json.loads((tmp_path / "metrics/metrics.json").read_text())
+    assert set(metrics["per_category"]) == {"wood"} and 0.0 <= metrics["mean"]["pixel_auroc"] <= 1.0
+    assert [row["epoch"] for row in json.loads((tmp_path / "metrics/train_log.json").read_text())] == [1, 2]
+    scores = (tmp_path / "metrics/scores.csv").read_text().splitlines()
+    assert scores[0].startswith("image_id,category,label,defect_type,score,") and len(scores) == 1 + 5
+    assert sorted(p.name for p in (tmp_path / "models/model").iterdir()) == ["config.json", "model.safetensors", "thresholds.json"]
+    thresholds = json.loads((tmp_path / "models/model/thresholds.json").read_text())
+    assert thresholds["categories"]["wood"]["val_images"] == 1
+    assert set(metrics["at_threshold"]["wood"]) >= {"threshold", "precision", "recall", "f1", "oracle_f1max"}
+    assert metrics["fps"] > 0
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["gallery_wood.png", "metrics_per_category.png", "pr.png", "roc.png", "score_histograms.png"]
+    report = (tmp_path / "reports/report.md").read_text()
+    assert "| **mean** |" in report and "![gallery_wood](../plots/gallery_wood.png)" in report
 
 
 def test_bad_params_exit_non_zero_naming_the_field(tmp_path):

@@ -9,11 +9,16 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=140)
+
+
 def print_summary(params: dict, console: Console | None = None) -> None:
     """A table per produced artefact: dataset counts by category and split, feature cache, metrics."""
     import pandas as pd
 
-    console = console or Console()
+    console = console or _console()
     manifest = Path(params["prepare"]["manifest"])
     if manifest.is_file():
         frame = pd.read_csv(manifest, keep_default_na=False)
@@ -37,11 +42,23 @@ def print_summary(params: dict, console: Console | None = None) -> None:
             f"({index['backbone']['weights']}) at {index['backbone']['image_size']} px, "
             f"{size / 2**20:.1f} MiB in {len(index['shards'])} shards"
         )
+    outputs = params.get("outputs", {})
+    model_config = Path(outputs.get("model", "models/model")) / "config.json"
+    if model_config.is_file():
+        meta = json.loads(model_config.read_text())
+        console.print(
+            f"Model: {meta['model']} trained on {meta.get('train_images', '?')} images for "
+            f"{meta.get('train', {}).get('epochs', '?')} epochs in {meta.get('train_seconds_total', 0):.0f} s "
+            f"-> {model_config.parent}"
+        )
+    metrics_path = Path(outputs.get("metrics", "metrics/metrics.json"))
+    if metrics_path.is_file():
+        print_metrics(json.loads(metrics_path.read_text()), console)
 
 
 def print_metrics(metrics: dict, console: Console | None = None) -> None:
     """Per-category metric table with the mean row last (values in percent)."""
-    console = console or Console()
+    console = console or _console()
     names = list(metrics["mean"].keys())
     table = Table(title=f"Test metrics, model {metrics.get('model', '?')} (%)")
     table.add_column("category")
@@ -51,3 +68,81 @@ def print_metrics(metrics: dict, console: Console | None = None) -> None:
     for category, values in rows:
         table.add_row(category, *(f"{100 * values[n]:.1f}" for n in names), style="bold" if category == "mean" else None)
     console.print(table)
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value != value else f"{100 * value:.1f}"
+
+
+def metrics_markdown(metrics: dict) -> str:
+    """The metric table (percent) as markdown: one row per category, the mean last."""
+    names = list(metrics["mean"].keys())
+    lines = ["| category | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for category, values in list(metrics["per_category"].items()) + [("**mean**", metrics["mean"])]:
+        lines.append(f"| {category} | " + " | ".join(_pct(values[n]) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def write_report(params: dict, meta: dict, metrics: dict, manifest, plot_paths: list[Path], path: str | Path) -> Path:
+    """A markdown report of the run: model, data, params, metric tables and the plots."""
+    import yaml
+
+    from .io import write_text
+
+    path = Path(path)
+    counts = manifest.groupby(["category", "split"]).size().unstack(fill_value=0)
+    decisions = metrics.get("at_threshold", {})
+    decision_rows = "\n".join(
+        f"| {c} | {d['threshold']:.4g} | {_pct(d['precision'])} | {_pct(d['recall'])} | {_pct(d['f1'])} | "
+        f"{_pct(d['oracle_f1max'])} | {_pct(d['false_reject_rate'])} |" for c, d in decisions.items()
+    )
+    relative = [Path(p).resolve() for p in plot_paths]
+    images = "\n".join(f"![{p.stem}]({_relpath(p, path.parent)})" for p in relative)
+    model_params = {k: params.get(k) for k in ("features", "model", "train", "thresholds")}
+    text = f"""# vqflow run report
+
+Model **{meta['model']}**, trained on {meta.get('train_images', '?')} normal images of all categories mixed
+in {meta.get('train_seconds_total', 0):.0f} s; backbone {meta.get('backbone', {}).get('name', '?')}
+({meta.get('backbone', {}).get('weights', '?')}) at {meta.get('backbone', {}).get('image_size', '?')} px.
+Inference: {metrics.get('fps', float('nan')):.1f} images/s (decode, backbone, flows and maps).
+
+## Data
+
+{counts.to_markdown() if hasattr(counts, 'to_markdown') and _has_tabulate() else counts.to_string()}
+
+## Test metrics (%)
+
+{metrics_markdown(metrics)}
+
+## Decisions at the calibrated thresholds (from validation normals only) vs. the oracle F1-max on test
+
+| category | threshold | precision | recall | F1 | oracle F1-max | false-reject rate |
+|---|---:|---:|---:|---:|---:|---:|
+{decision_rows}
+
+## Plots
+
+{images}
+
+## Parameters
+
+```yaml
+{yaml.safe_dump(model_params, sort_keys=False)}```
+"""
+    write_text(path, text)
+    return path
+
+
+def _relpath(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(target, start.resolve())
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True

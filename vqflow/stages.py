@@ -89,12 +89,24 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     )
     if len(history) < cfg.epochs:
         raise RuntimeError(f"training stopped after epoch {len(history)} of {cfg.epochs}; run again to resume")
-    save_model(model, name, config, out["model"], {
+    thresholds = calibrate_thresholds(params, model, manifest, cache, device)
+    save_model(model, name, config, out["model"], files={"thresholds.json": thresholds}, extra={
         "backbone": cache.index["backbone"], "feature_cache_key": cache.index["key"],
         "train": cfg.__dict__, "train_images": len(train_ids), "train_seconds": time.perf_counter() - started,
         "train_seconds_total": sum(row["seconds"] for row in history),
     })
     return Path(out["model"])
+
+
+def calibrate_thresholds(params: dict, model, manifest: pd.DataFrame, cache, device) -> dict:
+    """Per-category thresholds from the validation split (normal images never trained on)."""
+    from .scoring import score_cached
+    from .thresholds import calibrate
+
+    p = section(params, "thresholds", ("target_frr", "pixel_fpr"))
+    val = manifest[manifest.split == "val"].reset_index(drop=True)
+    scored = score_cached(model, cache, val.image_id.tolist(), device, progress=False)
+    return calibrate(val, scored.scores, scored.maps, float(p["target_frr"]), float(p["pixel_fpr"]))
 
 
 def _channels(cache) -> list[int]:
@@ -103,30 +115,40 @@ def _channels(cache) -> list[int]:
 
 
 def evaluate(params: dict) -> dict:
-    """Score the test split, compute per-category and mean metrics, write the metrics JSON and scores CSV."""
+    """Score the test split; write metrics (per category + mean), decisions at the calibrated thresholds,
+    inference speed, plots and the markdown report."""
     from .backbones import resolve_device
     from .data.images import load_mask, resize_mask
     from .io import atomic_path, write_json
-    from .metrics import evaluate_categories
+    from .metrics import evaluate_categories, f1_max
     from .models import load_model
+    from .report import write_report
     from .scoring import score_cached
+    from .thresholds import decision_metrics, threshold_for
 
     manifest, cache = _manifest_and_cache(params)
-    out = section(params, "outputs", ("model", "metrics", "scores"))
+    out = section(params, "outputs", ("model", "metrics", "scores", "plots", "report"))
     p = section(params, "evaluate")
     device = resolve_device(str(p.get("device", "auto")))
     model, meta = load_model(out["model"], device=str(device))
+    thresholds = json.loads((Path(out["model"]) / "thresholds.json").read_text())
     test = manifest[manifest.split == "test"].reset_index(drop=True)
-    started = time.perf_counter()
     scored = score_cached(model, cache, test.image_id.tolist(), device, int(p.get("batch_size", 16)))
-    seconds = time.perf_counter() - started
     size = scored.maps.shape[-1]
     masks = np.stack([
         resize_mask(load_mask(m or None, (int(w), int(h))), size) for m, w, h in zip(test.mask_path, test.width, test.height)
     ])
-    metrics = evaluate_categories(test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks)
+    categories, labels = test.category.to_numpy(), test.label.to_numpy()
+    metrics = evaluate_categories(categories, labels, scored.scores, scored.maps, masks, float(p.get("max_fpr", 0.3)))
+    decisions = {}
+    for category in metrics["per_category"]:
+        idx = categories == category
+        at = decision_metrics(labels[idx], scored.scores[idx], threshold_for(thresholds, category))
+        at["oracle_f1max"] = f1_max(labels[idx], scored.scores[idx])[0]
+        decisions[category] = at
+    metrics["at_threshold"] = decisions
+    metrics["fps"] = inference_fps(params, model, test, device)
     metrics["model"] = meta["model"]
-    metrics["score_seconds_per_image"] = seconds / max(1, len(test))
     write_json(out["metrics"], metrics)
     frame = test[["image_id", "category", "label", "defect_type"]].copy()
     frame["score"] = scored.scores
@@ -135,4 +157,35 @@ def evaluate(params: dict) -> dict:
             frame[key] = values
     with atomic_path(out["scores"]) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.8g")
+    plot_paths = make_plots(test, scored, masks, metrics, thresholds, Path(out["plots"]))
+    write_report(params, meta, metrics, manifest, plot_paths, out["report"])
     return metrics
+
+
+def make_plots(test, scored, masks, metrics: dict, thresholds: dict, plot_dir: Path) -> list[Path]:
+    from . import plots
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for stale in plot_dir.glob("gallery_*.png"):
+        stale.unlink()
+    return [
+        *plots.curves(test, scored.scores, plot_dir),
+        plots.metric_bars(metrics, plot_dir / "metrics_per_category.png"),
+        plots.score_histograms(test, scored.scores, thresholds, plot_dir / "score_histograms.png"),
+        *plots.gallery(test, scored.scores, scored.maps, masks, thresholds, plot_dir),
+    ]
+
+
+def inference_fps(params: dict, model, test: pd.DataFrame, device, images: int = 32, batch_size: int = 16) -> float:
+    """Images per second of the whole inference (decode + resize + backbone + model + maps), after a warm-up."""
+    from .features import load_batch
+    from .scoring import score_images
+
+    spec = backbone_spec(params)
+    backbone = spec.build()
+    paths = test.path.tolist()[:images]
+    score_images(model, backbone, load_batch(paths[:2], spec.image_size), device)
+    started = time.perf_counter()
+    for start in range(0, len(paths), batch_size):
+        score_images(model, backbone, load_batch(paths[start: start + batch_size], spec.image_size), device)
+    return len(paths) / (time.perf_counter() - started)

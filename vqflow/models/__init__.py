@@ -56,9 +56,12 @@ def create_model(name: str, config) -> AnomalyModel:
     return MODELS[name].build(config)
 
 
-def save_model(model: AnomalyModel, name: str, config, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` + ``config.json`` into ``path`` atomically (no pickle anywhere)."""
+def save_model(model: AnomalyModel, name: str, config, path: str | Path, extra: dict[str, Any] | None = None,
+               files: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` (+ JSON ``files``) into ``path`` atomically (no pickle)."""
     with atomic_dir(path) as tmp:
+        for filename, content in (files or {}).items():
+            (tmp / filename).write_text(json.dumps(content, indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"model": name, "config": dataclasses.asdict(config), **(extra or {})}

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage import measure
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from vqflow.metrics import aupro, auroc, average_precision, evaluate_categories, f1_max
+
+
+def slow_aupro(maps, masks, max_fpr=0.3):
+    """Reference: loop over every distinct threshold, skimage labelling, region by region."""
+    masks = masks.astype(bool)
+    regions = []
+    for i, mask in enumerate(masks):
+        labelled = measure.label(mask, connectivity=2)
+        regions += [(i, labelled == r) for r in range(1, labelled.max() + 1)]
+    normal = ~masks
+    points = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        above = maps >= t
+        fpr = (above & normal).sum() / normal.sum()
+        pro = np.mean([(above[i] & region).sum() / region.sum() for i, region in regions])
+        points.append((fpr, pro))
+    fprs, pros = np.array(points).T
+    area, prev_x, prev_y = 0.0, 0.0, 0.0
+    for x, y in zip(fprs[1:], pros[1:]):
+        if x > max_fpr:
+            y_at = prev_y + (y - prev_y) * (max_fpr - prev_x) / (x - prev_x)
+            area += (max_fpr - prev_x) * (prev_y + y_at) / 2
+            return area / max_fpr
+        area += (x - prev_x) * (prev_y + y) / 2
+        prev_x, prev_y = x, y
+    return area / max_fpr
+
+
+def _random_case(seed, n=6, size=32, levels=None):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), bool)
+    masks[0, 2:12, 3:9] = True  # a big region
+    masks[0, 20, 20] = True  # a one-pixel region
+    masks[1, 5:7, 5:7] = True
+    masks[1, 8, 8] = True  # touches the 2x2 block diagonally: 8-connected, so one region with it?
+    masks[2, 10:30, 0:4] = True
+    masks[3, 0, 31] = True  # one pixel in a corner
+    # images 4 and 5: no defective pixels at all
+    maps = rng.random((n, size, size)) + 0.8 * masks * rng.random((n, size, size))
+    maps = ndimage.gaussian_filter(maps, (0, 1, 1))
+    if levels:
+        maps = np.round(maps * levels) / levels
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed,levels", [(0, None), (1, None), (2, 40), (3, 7)])
+def test_aupro_matches_the_slow_exact_reference(seed, levels):
+    maps, masks = _random_case(seed, levels=levels)
+    assert abs(aupro(maps, masks) - slow_aupro(maps, masks)) < 1e-3
+
+
+def test_aupro_edge_cases():
+    maps, masks = _random_case(0)
+    equal = np.full_like(maps, 0.5)
+    assert abs(aupro(equal, masks) - slow_aupro(equal, masks)) < 1e-9
+    assert abs(aupro(equal, masks) - 0.15) < 1e-9  # one threshold: the curve is the diagonal
+    assert np.isnan(aupro(maps, np.zeros_like(masks)))
+    perfect = masks.astype(float)
+    assert aupro(perfect, masks) == pytest.approx(1.0)
+    assert aupro(-perfect, masks) == pytest.approx(0.0)
+
+
+def test_eight_connectivity_joins_diagonal_neighbours():
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, 2, 2] = masks[0, 3, 3] = True  # diagonal neighbours: one region
+    maps = np.zeros((1, 8, 8))
+    maps[0, 2, 2] = 1.0  # finds half of the one region
+    # with one 2-pixel region, PRO reaches 0.5 at FPR 0; with two regions it would be 0.5 too, so add a third pixel
+    masks[0, 6, 6] = True
+    # regions: {(2,2),(3,3)} and {(6,6)}; at the top threshold PRO = (0.5 + 0) / 2 = 0.25
+    assert aupro(maps, masks) == pytest.approx(slow_aupro(maps, masks))
+
+
+def test_auroc_and_ap_equal_sklearn():
+    rng = np.random.default_rng(0)
+    labels, scores = rng.integers(0, 2, 500), rng.random(500)
+    assert auroc(labels, scores) == roc_auc_score(labels, scores)
+    assert average_precision(labels, scores) == average_precision_score(labels, scores)
+    assert np.isnan(auroc(np.zeros(5), scores[:5]))
+
+
+def test_f1_max_equals_brute_force():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.random(300) + 0.3 * labels, 2)
+    best = 0.0
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp = (pred & (labels == 1)).sum()
+        precision, recall = tp / max(pred.sum(), 1), tp / (labels == 1).sum()
+        if precision + recall:
+            best = max(best, 2 * precision * recall / (precision + recall))
+    value, threshold = f1_max(labels, scores)
+    assert value == pytest.approx(best)
+    pred = scores >= threshold
+    tp = (pred & (labels == 1)).sum()
+    assert 2 * tp / (pred.sum() + (labels == 1).sum()) == pytest.approx(best)
+
+
+def test_per_category_and_mean():
+    maps, masks = _random_case(0)
+    labels = masks.reshape(len(masks), -1).any(1).astype(int)
+    scores = maps.reshape(len(maps), -1).max(1)
+    categories = np.array(["a", "a", "a", "b", "b", "b"])
+    result = evaluate_categories(categories, labels, scores, maps, masks)
+    assert set(result["per_category"]) == {"a", "b"}
+    assert len(result["mean"]) == 8
+    a, b = result["per_category"]["a"], result["per_category"]["b"]
+    assert np.isnan(a["image_auroc"])  # category a has no normal image
+    assert result["mean"]["image_auroc"] == b["image_auroc"]
+    assert result["mean"]["pixel_aupro"] == pytest.approx((a["pixel_aupro"] + b["pixel_aupro"]) / 2)
+    assert a["mad"] == pytest.approx(np.nanmean([a[k] for k in a if k != "mad"]))

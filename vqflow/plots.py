@@ -1,0 +1,121 @@
+"""The pictures of an evaluation: ROC and PR curves, metric bars, score histograms, a gallery of mistakes.
+
+All are static PNGs (DVC renders image plots in `dvc plots show/diff` HTML without any network access).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+from .data.images import image_to_array, load_image  # noqa: E402
+from .io import atomic_path  # noqa: E402
+from .metrics import METRICS  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def curves(test: pd.DataFrame, scores: np.ndarray, out_dir: Path) -> list[Path]:
+    """roc.png and pr.png: one line per category (image level)."""
+    fig_roc, ax_roc = plt.subplots(figsize=(5, 5))
+    fig_pr, ax_pr = plt.subplots(figsize=(5, 5))
+    for category, rows in test.groupby("category"):
+        labels, s = rows.label.to_numpy(), scores[rows.index.to_numpy()]
+        if labels.min() == labels.max():
+            continue
+        fpr, tpr, _ = roc_curve(labels, s)
+        precision, recall, _ = precision_recall_curve(labels, s)
+        ax_roc.plot(fpr, tpr, label=category)
+        ax_pr.plot(recall, precision, label=category)
+    ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="Image ROC per category")
+    ax_pr.set(xlabel="recall", ylabel="precision", title="Image precision-recall per category", ylim=(0, 1.02))
+    for ax in (ax_roc, ax_pr):
+        ax.legend(loc="lower right" if ax is ax_roc else "lower left", fontsize=8)
+        ax.grid(alpha=0.3)
+    return [_save(fig_roc, out_dir / "roc.png"), _save(fig_pr, out_dir / "pr.png")]
+
+
+def metric_bars(metrics: dict, out_path: Path) -> Path:
+    """Per-category bar chart of the seven metrics (+ mAD)."""
+    categories = list(metrics["per_category"])
+    names = list(METRICS) + ["mad"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(categories) + 3), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [100 * metrics["per_category"][c][name] for c in categories]
+        ax.bar(np.arange(len(categories)) + i * width, values, width, label=name.replace("_", " "))
+    ax.set_xticks(np.arange(len(categories)) + 0.4 - width / 2, categories)
+    ax.set(ylabel="%", ylim=(0, 100), title="Metrics per category")
+    ax.legend(fontsize=7, ncol=4, loc="lower center")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out_path)
+
+
+def score_histograms(test: pd.DataFrame, scores: np.ndarray, thresholds: dict, out_path: Path) -> Path:
+    """Score histograms of normal vs defective test images per category, with the calibrated threshold."""
+    groups = list(test.groupby("category"))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3), squeeze=False)
+    for ax, (category, rows) in zip(axes[0], groups):
+        s = scores[rows.index.to_numpy()]
+        bins = np.linspace(s.min(), s.max() + 1e-9, 25)
+        ax.hist(s[rows.label.to_numpy() == 0], bins, alpha=0.6, label="normal", color="tab:green")
+        ax.hist(s[rows.label.to_numpy() == 1], bins, alpha=0.6, label="defective", color="tab:red")
+        if category in thresholds["categories"]:
+            ax.axvline(thresholds["categories"][category]["image"], color="k", ls="--", label="threshold")
+        ax.set(title=category, xlabel="anomaly score")
+        ax.legend(fontsize=7)
+    return _save(fig, out_path)
+
+
+def _overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    cmap = plt.get_cmap("jet")
+    span = max(float(heat.max() - heat.min()), 1e-12)
+    colored = cmap((heat - heat.min()) / span)[..., :3]
+    out = 0.55 * image + 0.45 * colored
+    edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+    out[edge] = (1.0, 1.0, 1.0)
+    return np.clip(out, 0, 1)
+
+
+def gallery(test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray, thresholds: dict,
+            out_dir: Path, per_kind: int = 2) -> list[Path]:
+    """gallery_<category>.png: the worst false positives (highest-scoring normal images) and false negatives
+    (lowest-scoring defective images): input, ground truth, anomaly-map overlay, predicted mask."""
+    paths = []
+    size = maps.shape[-1]
+    for category, rows in test.groupby("category"):
+        idx = rows.index.to_numpy()
+        normal = idx[rows.label.to_numpy() == 0]
+        defective = idx[rows.label.to_numpy() == 1]
+        picks = [("false positive?", i) for i in normal[np.argsort(-scores[normal])][:per_kind]]
+        picks += [("false negative?", i) for i in defective[np.argsort(scores[defective])][:per_kind]]
+        if not picks:
+            continue
+        entry = thresholds["categories"].get(category, thresholds["categories"]["__global__"])
+        fig, axes = plt.subplots(len(picks), 4, figsize=(10, 2.6 * len(picks)), squeeze=False)
+        for row, (kind, i) in zip(axes, picks):
+            image = image_to_array(load_image(test.path[i]), size).transpose(1, 2, 0)
+            predicted = maps[i] > entry["pixel"]
+            decision = "anomalous" if scores[i] > entry["image"] else "normal"
+            panels = [(image, f"{test.defect_type[i]} | score {scores[i]:.3f}"), (masks[i], "ground truth"),
+                      (_overlay(image, maps[i], predicted), f"{kind} -> {decision}"), (predicted, "predicted mask")]
+            for ax, (picture, title) in zip(row, panels):
+                ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
+                ax.set_title(title, fontsize=8)
+                ax.axis("off")
+        fig.suptitle(f"{category}: worst normal images (top) and defective images (bottom)", fontsize=10)
+        paths.append(_save(fig, out_dir / f"gallery_{category}.png"))
+    return paths
