@@ -35,6 +35,14 @@ def prepare_stage(params: dict, args: argparse.Namespace) -> None:
     print(f"wrote {params['prepare']['manifest']}: {len(frame)} images\n{counts.to_string()}")
 
 
+@stage("validate")
+def validate_stage(params: dict, args: argparse.Namespace) -> None:
+    """Run the Great Expectations gate on the manifest; exit non-zero when the data is wrong."""
+    from .report import print_validation
+
+    print_validation(stages.validate(params))
+
+
 @stage("features")
 def features_stage(params: dict, args: argparse.Namespace) -> None:
     """Extract and cache the backbone pyramid of every manifest image."""
@@ -74,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         STAGES[args.stage](load_params(args.params), args)
+    except stages.DataValidationError as exc:
+        from .report import print_validation
+
+        print_validation(getattr(exc, "report", None))
+        print(f"vqflow {args.stage}: error: {exc}", file=sys.stderr)
+        return 1
     except (ParamsError, FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"vqflow {args.stage}: error: {message}", file=sys.stderr)

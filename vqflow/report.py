@@ -146,3 +146,20 @@ def _has_tabulate() -> bool:
     except ImportError:
         return False
     return True
+
+
+def print_validation(report, console: Console | None = None) -> None:
+    """A table of the failed expectations with the offending files (errors and warnings)."""
+    if report is None:
+        return
+    console = console or _console()
+    if not report.failures:
+        console.print("[green]Data validation passed: every expectation holds.[/green]")
+        return
+    table = Table(title="Data validation: failed expectations")
+    for column in ("check", "level", "rows", "what is wrong", "files (first 5)"):
+        table.add_column(column)
+    for f in report.failures:
+        table.add_row(f.check, "warning" if f.warning else "ERROR", str(f.count), f.reason,
+                      "\n".join(f.files[:5]) or f.column)
+    console.print(table)

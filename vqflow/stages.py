@@ -189,3 +189,32 @@ def inference_fps(params: dict, model, test: pd.DataFrame, device, images: int =
     for start in range(0, len(paths), batch_size):
         score_images(model, backbone, load_batch(paths[start: start + batch_size], spec.image_size), device)
     return len(paths) / (time.perf_counter() - started)
+
+
+class DataValidationError(RuntimeError):
+    """The data failed the validation gate; the message lists the failed checks and files."""
+
+
+def validate(params: dict) -> "object":
+    """Run the Great Expectations suite on the manifest; write the result JSON and Data Docs; fail loudly."""
+    from .data.manifest import read_manifest
+    from .io import write_json
+    from .validation import validate_manifest
+
+    manifest = read_manifest(section(params, "prepare", ("manifest",))["manifest"])
+    p = section(params, "validate", ("result", "docs"))
+    started = time.perf_counter()
+    report = validate_manifest(manifest, p, p["docs"])
+    write_json(Path(p["docs"]) / "result.json", {"failures": [f.__dict__ for f in report.failures],
+                                                   "gx_result": report.result})
+    write_json(p["result"], {
+        "success": report.success, "seconds": round(time.perf_counter() - started, 2), "images": len(manifest),
+        "failed_checks": len(report.errors), "warnings": len(report.failures) - len(report.errors),
+    })
+    if not report.success:
+        lines = [f"  {f.check}: {f.count} rows - {f.reason}; e.g. {', '.join(f.files[:5]) or f.column}"
+                 for f in report.errors]
+        error = DataValidationError("data validation failed (see " + p["docs"] + "/index.html):\n" + "\n".join(lines))
+        error.report = report
+        raise error
+    return report

@@ -1,0 +1,44 @@
+"""Shared helpers of the benchmark scripts: machine facts, timing, and writing JSON + markdown results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit or "unknown", "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def write_results(name: str, payload: dict, table: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    m = payload["machine"]
+    header = f"_{m['date']}, commit {m['commit']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads)_\n\n"
+    (RESULTS / f"{name}.md").write_text(header + table + "\n")
+    return RESULTS / f"{name}.md"

@@ -1,0 +1,155 @@
+"""The GX gate: every kind of bad data fails with the right check named and the offending file listed."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from vqflow.data.manifest import build_manifest
+from vqflow.data.mvtec import read_mvtec
+from vqflow.validation import validate_manifest
+
+LIMITS = {"min_train_per_category": 3, "min_test_per_category": 2}
+
+
+@pytest.fixture()
+def dataset(tiny_dataset, tmp_path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    return root
+
+
+def _manifest(root):
+    return build_manifest(read_mvtec(root), 0.2, 0, progress=False)
+
+
+def _failed(report):
+    return {f.check: f for f in report.failures}
+
+
+def test_clean_dataset_passes(dataset):
+    report = validate_manifest(_manifest(dataset), LIMITS)
+    assert report.success and report.failures == []
+
+
+def _corrupt_file(root):
+    path = root / "chip/train/good/001.png"
+    path.write_bytes(path.read_bytes()[:80])
+    return "decodable", path
+
+
+def _mask_wrong_size(root):
+    path = root / "fabric/ground_truth/hole/000_mask.png"
+    Image.open(path).resize((32, 32)).save(path)
+    return "mask_matches_image", root / "fabric/test/hole/000.png"
+
+
+def _mask_not_binary(root):
+    path = root / "fabric/ground_truth/crack/000_mask.png"
+    mask = np.asarray(Image.open(path)).astype(float)
+    Image.fromarray(np.where(mask > 0, 200, 60).astype(np.uint8)).save(path)
+    return "mask_binary", root / "fabric/test/crack/000.png"
+
+
+def _mask_empty(root):
+    path = root / "chip/ground_truth/scratch/000_mask.png"
+    Image.new("L", Image.open(path).size, 0).save(path)
+    return "mask_not_empty", root / "chip/test/scratch/000.png"
+
+
+def _leakage(root):
+    shutil.copy(root / "chip/test/good/000.png", root / "chip/train/good/leaked.png")
+    return "no_train_test_leakage", root / "chip/train/good/leaked.png"
+
+
+def _duplicate_in_split(root):
+    shutil.copy(root / "fabric/train/good/002.png", root / "fabric/train/good/copy.png")
+    return "no_duplicates_in_split", root / "fabric/train/good/copy.png"
+
+
+def _tiny_category(root):
+    for split in ("train/good", "test/good"):
+        (root / "screw" / split).mkdir(parents=True)
+    for i in range(3):
+        Image.open(root / "chip/train/good/000.png").rotate(90 * i).save(root / f"screw/train/good/{i}.png")
+    Image.open(root / "chip/test/good/000.png").rotate(45).save(root / "screw/test/good/0.png")
+    return "min_images_per_category", root / "screw/test/good/0.png"
+
+
+def _black_image(root):
+    path = root / "fabric/train/good/003.png"
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(path)
+    return "not_blank", path
+
+
+def _blurred_image(root):
+    path = root / "fabric/train/good/004.png"
+    Image.open(path).filter(ImageFilter.GaussianBlur(1)).save(path)  # contrast stays, detail goes
+    return "not_blurred", path
+
+
+def _too_small(root):
+    path = root / "chip/train/good/002.png"
+    Image.open(path).resize((16, 16)).save(path)
+    return "size_allowed", path
+
+
+def _cmyk(root):
+    path = root / "chip/train/good/003.png"
+    jpg = path.with_suffix(".jpg")
+    Image.open(path).convert("CMYK").save(jpg)
+    path.unlink()
+    return "mode_allowed", jpg
+
+
+def _bad_category_name(root):
+    (root / "chip").rename(root / "chip!?")
+    return "category_allowed", root / "chip!?/train/good/000.png"
+
+
+FILE_CORRUPTIONS = [_corrupt_file, _mask_wrong_size, _mask_not_binary, _mask_empty, _leakage, _duplicate_in_split,
+                    _tiny_category, _black_image, _blurred_image, _too_small, _cmyk, _bad_category_name]
+
+
+@pytest.mark.parametrize("corrupt", FILE_CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
+def test_corrupted_files_fail_with_the_check_and_file_named(dataset, corrupt):
+    check, offender = corrupt(dataset)
+    report = validate_manifest(_manifest(dataset), LIMITS)
+    failed = _failed(report)
+    assert not report.success
+    assert check in failed, f"expected {check}, got {sorted(failed)}"
+    assert str(offender) in failed[check].files
+
+
+def test_defective_image_labelled_as_training_data_fails(dataset):
+    manifest = _manifest(dataset)
+    row = manifest.index[manifest.split == "train"][0]
+    manifest.loc[row, "label"] = 1
+    failed = _failed(validate_manifest(manifest, LIMITS))
+    assert manifest.path[row] in failed["train_is_normal"].files
+
+
+def test_mask_on_a_normal_image_fails(dataset):
+    manifest = _manifest(dataset)
+    row = manifest.index[(manifest.split == "test") & (manifest.label == 0)][0]
+    manifest.loc[row, "mask_path"] = str(dataset / "chip/ground_truth/scratch/000_mask.png")
+    failed = _failed(validate_manifest(manifest, LIMITS))
+    assert manifest.path[row] in failed["normal_has_no_mask"].files
+
+
+def test_named_checks_can_be_downgraded_to_warnings(dataset):
+    _, path = _blurred_image(dataset)
+    report = validate_manifest(_manifest(dataset), {**LIMITS, "warn_only": ["not_blurred"]})
+    assert report.success
+    assert [(f.check, f.warning) for f in report.failures] == [("not_blurred", True)]
+    assert str(path) in report.failures[0].files
+
+
+def test_data_docs_are_written(dataset, tmp_path):
+    _black_image(dataset)
+    report = validate_manifest(_manifest(dataset), LIMITS, tmp_path / "docs")
+    assert not report.success
+    assert (tmp_path / "docs" / "index.html").is_file()
+    assert list((tmp_path / "docs" / "validations").rglob("*.html"))
