@@ -65,6 +65,13 @@ def evaluate_stage(params: dict, args: argparse.Namespace) -> None:
     print_metrics(stages.evaluate(params))
 
 
+@stage("export")
+def export_stage(params: dict, args: argparse.Namespace) -> None:
+    """Import the model into the BentoML store (champion only if not worse than the current one)."""
+    record = stages.export(params)
+    print(f"exported {record['tag']} as {record['role']}: " + "; ".join(record["reasons"]))
+
+
 @stage("summary")
 def summary_stage(params: dict, args: argparse.Namespace) -> None:
     """Print a table of what the stages produced."""

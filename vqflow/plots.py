@@ -80,7 +80,7 @@ def score_histograms(test: pd.DataFrame, scores: np.ndarray, thresholds: dict, o
     return _save(fig, out_path)
 
 
-def _overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> np.ndarray:
     cmap = plt.get_cmap("jet")
     span = max(float(heat.max() - heat.min()), 1e-12)
     colored = cmap((heat - heat.min()) / span)[..., :3]
@@ -111,7 +111,7 @@ def gallery(test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.
             predicted = maps[i] > entry["pixel"]
             decision = "anomalous" if scores[i] > entry["image"] else "normal"
             panels = [(image, f"{test.defect_type[i]} | score {scores[i]:.3f}"), (masks[i], "ground truth"),
-                      (_overlay(image, maps[i], predicted), f"{kind} -> {decision}"), (predicted, "predicted mask")]
+                      (overlay(image, maps[i], predicted), f"{kind} -> {decision}"), (predicted, "predicted mask")]
             for ax, (picture, title) in zip(row, panels):
                 ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
                 ax.set_title(title, fontsize=8)

@@ -218,3 +218,16 @@ def validate(params: dict) -> "object":
         error.report = report
         raise error
     return report
+
+
+def export(params: dict) -> dict:
+    """Import the trained model into the BentoML store; promote it to champion only if not worse."""
+    from .io import write_json
+    from .registry import export as export_model
+
+    out = section(params, "outputs", ("model", "metrics", "export"))
+    p = section(params, "export", ("tolerance_mean", "tolerance_category"))
+    metrics = json.loads(Path(out["metrics"]).read_text())
+    record = export_model(out["model"], metrics, params, float(p["tolerance_mean"]), float(p["tolerance_category"]))
+    write_json(out["export"], record)
+    return record

@@ -1,0 +1,123 @@
+"""`bentoml serve` as a real subprocess on 127.0.0.1: decisions, offline equality, bad input, still serving."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import ROOT
+from tests.servers import free_port, wait_http
+
+
+@pytest.fixture(scope="module")
+def server(trained_project, tmp_path_factory):
+    root, params = trained_project
+    home = tmp_path_factory.mktemp("bentoml_home")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "VQFLOW_MAX_PIXELS": "1000000"}
+    import yaml
+
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    exported = subprocess.run([sys.executable, "-m", "vqflow.cli", "--params", str(root / "params.yaml"), "export"],
+                              env=env, cwd=root, capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    assert "as champion" in exported.stdout
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "vqflow.serving:AnomalyService",
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/readyz", timeout=180)
+        yield url, root, params
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _post(url, endpoint, data: bytes, name="x.png", content_type="image/png", **fields):
+    return requests.post(f"{url}/{endpoint}", files={"image": (name, data, content_type)}, data=fields, timeout=60)
+
+
+def test_served_scores_and_decisions_equal_the_offline_evaluation(server):
+    url, root, params = server
+    manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
+    offline = pd.read_csv(params["outputs"]["scores"], dtype={"image_id": str}).set_index("image_id")
+    import json
+
+    thresholds = json.loads((Path(params["outputs"]["model"]) / "thresholds.json").read_text())
+    test = manifest[manifest.split == "test"]
+    for _, row in test.iterrows():
+        response = _post(url, "predict", Path(row.path).read_bytes(), category=row.category)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        expected = offline.loc[row.image_id, "score"]
+        assert abs(body["score"] - expected) < 1e-5, (row.path, body["score"], expected)
+        threshold = thresholds["categories"][row.category]["image"]
+        assert body["threshold"] == pytest.approx(threshold)
+        assert body["is_anomaly"] == (expected > threshold)
+        assert body["concept"] == offline.loc[row.image_id, "concept"]
+        assert body["model_tag"].startswith("vqflow-anomaly:") and body["latency_ms"] > 0
+
+
+def test_batch_render_map_and_metrics(server):
+    url, root, params = server
+    paths = sorted(Path(params["generate"]["root"]).rglob("test/*/*.png"))[:3]
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    batch = requests.post(f"{url}/predict_batch", files=files, timeout=60)
+    assert batch.status_code == 200, batch.text
+    assert len(batch.json()) == 3
+    single = _post(url, "predict", paths[0].read_bytes(), with_map="true").json()
+    assert abs(single["score"] - batch.json()[0]["score"]) < 1e-5
+    import base64
+
+    heat = Image.open(io.BytesIO(base64.b64decode(single["anomaly_map_png"])))
+    assert heat.size == (64, 64)
+    render = _post(url, "render", paths[0].read_bytes())
+    assert render.status_code == 200 and render.headers["content-type"].startswith("image/png")
+    assert Image.open(io.BytesIO(render.content)).size == (64, 64)
+    assert "bentoml_service_request_total" in requests.get(f"{url}/metrics", timeout=10).text
+
+
+def test_other_image_modes_are_scored(server):
+    url, _, params = server
+    path = sorted(Path(params["generate"]["root"]).rglob("train/good/*.png"))[0]
+    rgb = Image.open(path)
+    gray16 = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257))
+    for variant in (rgb.convert("L"), rgb.convert("RGBA"), gray16):
+        response = _post(url, "predict", _png(variant))
+        assert response.status_code == 200, (variant.mode, response.text)
+        assert response.json()["score"] >= 0
+
+
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server):
+    url, _, params = server
+    good = sorted(Path(params["generate"]["root"]).rglob("train/good/*.png"))[0].read_bytes()
+    cases = {
+        "not an image": (b"hello, this is text", "image/png", "cannot decode image"),
+        "truncated": (good[: len(good) // 3], "image/png", "cannot decode image"),
+        "empty": (b"", "image/png", "empty file"),
+        "huge": (_png(Image.new("L", (1200, 1200))), "image/png", "exceeds the limit"),
+        "wrong content type": (good, "text/plain", "content type"),
+    }
+    for name, (data, content_type, message) in cases.items():
+        response = _post(url, "predict", data, content_type=content_type)
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+        assert message.lower() in response.text.lower(), (name, response.text)
+        assert _post(url, "predict", good).status_code == 200, f"server broken after {name}"
+    assert requests.get(f"{url}/readyz", timeout=10).status_code == 200

@@ -1,0 +1,113 @@
+"""One inference path for the service and the `vqflow predict` CLI: bytes or files in, decisions and maps out."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from .backbones import resolve_device
+from .data.images import DEFAULT_MAX_PIXELS, decode_image, image_to_array, to_rgb
+from .features import BackboneSpec
+from .models import load_model
+from .scoring import score_images
+from .thresholds import threshold_for
+
+
+@dataclass
+class Result:
+    score: float
+    is_anomaly: bool
+    threshold: float
+    concept: int | None
+    anomaly_map: np.ndarray
+    defect_mask: np.ndarray
+    boxes: list[list[int]]
+    latency_ms: float
+
+    def to_json(self, model_tag: str, with_map: bool = False) -> dict:
+        payload = {"score": self.score, "is_anomaly": self.is_anomaly, "threshold": self.threshold,
+                   "concept": self.concept, "model_tag": model_tag, "latency_ms": round(self.latency_ms, 3),
+                   "defect_boxes": self.boxes}
+        if with_map:
+            payload["anomaly_map_png"] = base64.b64encode(map_png(self.anomaly_map)).decode()
+        return payload
+
+
+def map_png(anomaly_map: np.ndarray) -> bytes:
+    """The anomaly map as an 8-bit grayscale PNG (min-max scaled per image)."""
+    span = max(float(anomaly_map.max() - anomaly_map.min()), 1e-12)
+    gray = np.round((anomaly_map - anomaly_map.min()) / span * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def boxes_of(mask: np.ndarray, scale_x: float, scale_y: float) -> list[list[int]]:
+    """Bounding boxes [x0, y0, x1, y1] (original image pixels) of the 8-connected regions of a mask."""
+    labelled, _ = ndimage.label(mask, structure=np.ones((3, 3), int))
+    boxes = []
+    for rows, cols in ndimage.find_objects(labelled):
+        boxes.append([int(cols.start * scale_x), int(rows.start * scale_y), int(np.ceil(cols.stop * scale_x)),
+                      int(np.ceil(rows.stop * scale_y))])
+    return boxes
+
+
+class Predictor:
+    """A trained model with its backbone and calibrated thresholds, ready to score decoded images."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
+        model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.model, self.meta = load_model(model_dir, str(self.device))
+        self.thresholds = json.loads((model_dir / "thresholds.json").read_text())
+        self.spec = BackboneSpec(**self.meta["backbone"])
+        self.backbone = self.spec.build().to(self.device)
+        self.max_pixels = max_pixels
+
+    def decode(self, data: bytes, name: str = "upload") -> Image.Image:
+        """Decode uploaded bytes (any supported mode) to RGB; raises ImageLoadError naming the problem."""
+        return to_rgb(decode_image(data, name, self.max_pixels))
+
+    def tensor(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([image_to_array(img, self.spec.image_size) for img in images]))
+
+    def predict(self, images: list[Image.Image], category: str | None = None) -> list[Result]:
+        started = time.perf_counter()
+        scored = score_images(self.model, self.backbone, self.tensor(images), self.device)
+        latency = (time.perf_counter() - started) * 1000 / max(1, len(images))
+        image_threshold = threshold_for(self.thresholds, category, "image")
+        pixel_threshold = threshold_for(self.thresholds, category, "pixel")
+        concepts = scored.extras.get("concept")
+        results = []
+        for i, img in enumerate(images):
+            score = float(scored.scores[i])
+            mask = scored.maps[i] > pixel_threshold
+            anomalous = score > image_threshold
+            size = scored.maps.shape[-1]
+            boxes = boxes_of(mask, img.width / size, img.height / size) if anomalous else []
+            results.append(Result(score, anomalous, image_threshold, int(concepts[i]) if concepts is not None else None,
+                                  scored.maps[i], mask, boxes, latency))
+        return results
+
+    def warmup(self) -> None:
+        self.predict([Image.new("RGB", (self.spec.image_size, self.spec.image_size), (127, 127, 127))])
+
+
+def render_overlay(image: Image.Image, result: Result, size: int) -> bytes:
+    """Input + heat map + contour of the predicted defect mask, as PNG bytes."""
+    from .plots import overlay
+
+    base = image_to_array(image, size).transpose(1, 2, 0)
+    picture = overlay(base, result.anomaly_map, result.defect_mask)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(picture * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
