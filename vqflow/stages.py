@@ -87,6 +87,7 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
         model, features, cfg, device, checkpoint, lambda h: write_history(out["train_log"], h),
         stop_after_epoch=stop_after_epoch,
     )
+    write_history(out["train_log"], history)  # also when a finished checkpoint was restored
     if len(history) < cfg.epochs:
         raise RuntimeError(f"training stopped after epoch {len(history)} of {cfg.epochs}; run again to resume")
     thresholds = calibrate_thresholds(params, model, manifest, cache, device)
