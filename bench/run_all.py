@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["aupro.py"]
+SCRIPTS = ["aupro.py", "service_load.py"]
 
 if __name__ == "__main__":
     failed = [s for s in SCRIPTS if subprocess.run([sys.executable, str(HERE / s)], cwd=HERE.parent).returncode != 0]

@@ -52,3 +52,24 @@ def moto_s3() -> Iterator[str]:
 def s3_env(endpoint: str) -> dict[str, str]:
     return {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "DVC_NO_ANALYTICS": "1"}
+
+
+@contextlib.contextmanager
+def bentoml_server(env: dict[str, str] | None = None, timeout: float = 180.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`bentoml serve vqflow.serving:AnomalyService` on 127.0.0.1; yields (url, process) once /readyz is 200."""
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "vqflow.serving:AnomalyService",
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=root,
+                            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/readyz", timeout=timeout)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

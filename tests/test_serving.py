@@ -12,8 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import ROOT
-from tests.servers import free_port, wait_http
+from tests.servers import bentoml_server
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +27,8 @@ def server(trained_project, tmp_path_factory):
                               env=env, cwd=root, capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr
     assert "as champion" in exported.stdout
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "vqflow.serving:AnomalyService",
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/readyz", timeout=180)
+    with bentoml_server(env) as (url, _):
         yield url, root, params
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _png(img: Image.Image) -> bytes:
