@@ -25,16 +25,16 @@ def synthetic_maps(count: int, size: int, levels: int, seed: int = 0) -> tuple[n
         for _ in range(rng.integers(1, 4)):
             cy, cx, ry, rx = rng.integers(0, size, 2).tolist() + rng.integers(1, size // 6, 2).tolist()
             masks[i] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-    maps = ndimage.gaussian_filter(rng.random((count, size, size)), (0, 2, 2)) + 0.3 * masks
+    maps = ndimage.gaussian_filter(rng.random((count, size, size)), (0, 2, 2)) + 0.04 * masks
     maps = np.round((maps - maps.min()) / (maps.max() - maps.min()) * (levels - 1)) / (levels - 1)
-    return maps, masks
+    return maps.astype(np.float32), masks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--maps", type=int, default=500)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--levels", type=int, default=256, help="distinct map values (thresholds of the reference)")
+    parser.add_argument("--levels", type=int, default=1000, help="distinct map values (thresholds of the reference)")
     args = parser.parse_args()
     maps, masks = synthetic_maps(args.maps, args.size, args.levels)
     started = time.perf_counter()

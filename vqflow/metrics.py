@@ -73,8 +73,9 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     flat_labels = labels.ravel()
     region_weight = np.where(flat_labels > 0, 1.0 / (regions * sizes[flat_labels]), 0.0)
     normal_weight = (flat_labels == 0) / normal
-    order = np.argsort(-maps.ravel(), kind="stable")
-    sorted_scores = maps.ravel()[order]
+    flat = maps.ravel()
+    order = np.argsort(-flat)  # order within ties is irrelevant: only the sums at the end of each tie count
+    sorted_scores = flat[order]
     fpr = np.cumsum(normal_weight[order])
     pro = np.cumsum(region_weight[order])
     last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
@@ -86,7 +87,7 @@ def aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
     masks = np.asarray(masks).astype(bool)
     if not masks.any() or masks.all():
         return float("nan")
-    fpr, pro = pro_curve(np.asarray(maps, dtype=np.float64), masks)
+    fpr, pro = pro_curve(np.asarray(maps), masks)
     return _trapezoid_to(np.minimum(fpr, 1.0), pro, max_fpr) / max_fpr
 
 
