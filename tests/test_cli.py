@@ -69,3 +69,26 @@ def test_repository_holds_no_image_data():
     data_suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip", ".npy", ".npz", ".safetensors", ".pt", ".pth")
     offenders = [f for f in listed.stdout.splitlines() if f.lower().endswith(data_suffixes)]
     assert offenders == []
+
+
+def test_predict_cli_prints_decisions_and_writes_overlays(trained_project, tmp_path):
+    import pandas as pd
+    import yaml
+
+    root, params = trained_project
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    offline = pd.read_csv(params["outputs"]["scores"], dtype={"image_id": str}).set_index("image_id")
+    manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
+    row = manifest[(manifest.split == "test") & (manifest.label == 1)].iloc[0]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    result = subprocess.run([sys.executable, "-m", "vqflow.cli", "predict", row.path, "--category", row.category,
+                             "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    score = float(result.stdout.split("score=")[1].split()[0])
+    assert abs(score - offline.loc[row.image_id, "score"]) < 1e-5
+    assert ("ANOMALOUS" in result.stdout) == (score > float(result.stdout.split("threshold=")[1].split()[0]))
+    assert (tmp_path / "out" / f"{Path(row.path).stem}_overlay.png").is_file()
+    failed = subprocess.run([sys.executable, "-m", "vqflow.cli", "predict", str(bad)], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "broken.png" in failed.stderr

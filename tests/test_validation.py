@@ -153,3 +153,21 @@ def test_data_docs_are_written(dataset, tmp_path):
     assert not report.success
     assert (tmp_path / "docs" / "index.html").is_file()
     assert list((tmp_path / "docs" / "validations").rglob("*.html"))
+
+
+def test_inbox_batch_is_validated_against_the_dataset(dataset, tmp_path):
+    from vqflow.validation import validate_inbox
+
+    manifest = _manifest(dataset)
+    inbox = tmp_path / "inbox"
+    (inbox / "chip").mkdir(parents=True)
+    fresh = np.asarray(Image.open(dataset / "chip/train/good/000.png")).copy()
+    fresh[:8] = 255 - fresh[:8]  # a new, different normal image
+    Image.fromarray(fresh).save(inbox / "chip" / "new_ok.png")
+    shutil.copy(dataset / "chip/test/good/001.png", inbox / "chip" / "copy_of_test.png")
+    (inbox / "chip" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    verdict = validate_inbox(inbox, manifest, LIMITS)
+    assert verdict.accepted == [str(inbox / "chip" / "new_ok.png")]
+    assert any(r.startswith("no_train_test_leakage") for r in verdict.rejected[str(inbox / "chip" / "copy_of_test.png")])
+    assert any(r.startswith("decodable") for r in verdict.rejected[str(inbox / "chip" / "broken.png")])
+    assert validate_inbox(tmp_path / "empty", manifest, LIMITS).accepted == []

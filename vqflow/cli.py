@@ -72,6 +72,37 @@ def export_stage(params: dict, args: argparse.Namespace) -> None:
     print(f"exported {record['tag']} as {record['role']}: " + "; ".join(record["reasons"]))
 
 
+@stage("predict")
+def predict_stage(params: dict, args: argparse.Namespace) -> None:
+    """Score images with a trained model: print score and decision, write overlay PNGs."""
+    from .inference import Predictor, render_overlay
+
+    if not args.images:
+        raise ValueError("predict: name at least one image file")
+    model_dir = args.model or params.get("outputs", {}).get("model", "models/model")
+    predictor = Predictor(model_dir, str(params.get("serve", {}).get("device", "auto")))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in args.images:
+        from .data.images import ImageLoadError, read_bytes
+
+        try:
+            image = predictor.decode(read_bytes(path), path)
+        except ImageLoadError as exc:
+            print(f"{path}: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        result = predictor.predict([image], args.category)[0]
+        overlay_path = out_dir / f"{Path(path).stem}_overlay.png"
+        overlay_path.write_bytes(render_overlay(image, result, predictor.spec.image_size))
+        decision = "ANOMALOUS" if result.is_anomaly else "normal"
+        concept = f" concept={result.concept}" if result.concept is not None else ""
+        print(f"{path}: score={result.score:.6f} threshold={result.threshold:.6f} {decision}{concept} -> {overlay_path}")
+    if failures:
+        raise ValueError(f"{failures} of {len(args.images)} images could not be read")
+
+
 @stage("summary")
 def summary_stage(params: dict, args: argparse.Namespace) -> None:
     """Print a table of what the stages produced."""
@@ -85,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="stage", required=True)
     for name, fn in STAGES.items():
-        sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        command = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        if name == "predict":
+            command.add_argument("images", nargs="*", help="image files to score")
+            command.add_argument("--model", help="model directory (default: outputs.model of params)")
+            command.add_argument("--category", help="category whose threshold applies (default: the global one)")
+            command.add_argument("--out", default="predictions", help="folder for the overlay PNGs")
     args = parser.parse_args(argv)
     try:
         STAGES[args.stage](load_params(args.params), args)
