@@ -88,7 +88,7 @@ def test_predict_cli_prints_decisions_and_writes_overlays(trained_project, tmp_p
     score = float(result.stdout.split("score=")[1].split()[0])
     assert abs(score - offline.loc[row.image_id, "score"]) < 1e-5
     assert ("ANOMALOUS" in result.stdout) == (score > float(result.stdout.split("threshold=")[1].split()[0]))
-    assert (tmp_path / "out" / f"{Path(row.path).stem}_overlay.png").is_file()
+    assert (tmp_path / "out" / f"{Path(row.path).parent.name}_{Path(row.path).stem}_overlay.png").is_file()
     failed = subprocess.run([sys.executable, "-m", "vqflow.cli", "predict", str(bad)], cwd=tmp_path,
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "broken.png" in failed.stderr

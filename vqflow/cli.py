@@ -94,7 +94,7 @@ def predict_stage(params: dict, args: argparse.Namespace) -> None:
             failures += 1
             continue
         result = predictor.predict([image], args.category)[0]
-        overlay_path = out_dir / f"{Path(path).stem}_overlay.png"
+        overlay_path = out_dir / f"{Path(path).parent.name}_{Path(path).stem}_overlay.png"
         overlay_path.write_bytes(render_overlay(image, result, predictor.spec.image_size))
         decision = "ANOMALOUS" if result.is_anomaly else "normal"
         concept = f" concept={result.concept}" if result.concept is not None else ""
