@@ -10,11 +10,16 @@ def _clusters(n_per: int = 200, seed: int = 0):
     return centres, points
 
 
-def test_nearest_code_matches_brute_force():
-    vq = VectorQuantizer(7, 5)
-    vq.codebook.copy_(torch.randn(7, 5))
+def _frozen(num_codes: int, dim: int) -> VectorQuantizer:
+    """A quantizer with a random codebook in eval mode (no EMA updates)."""
+    vq = VectorQuantizer(num_codes, dim)
+    vq.codebook.copy_(torch.randn(num_codes, dim))
     vq.initialized.fill_(True)
-    vq.eval()
+    return vq.eval()
+
+
+def test_nearest_code_matches_brute_force():
+    vq = _frozen(7, 5)
     x = torch.randn(50, 5)
     out = vq(x)
     expected = torch.cdist(x, vq.codebook).argmin(1)
@@ -24,10 +29,7 @@ def test_nearest_code_matches_brute_force():
 
 
 def test_straight_through_gradient_is_identity():
-    vq = VectorQuantizer(4, 3)
-    vq.codebook.copy_(torch.randn(4, 3))
-    vq.initialized.fill_(True)
-    vq.eval()
+    vq = _frozen(4, 3)
     x = torch.randn(10, 3, requires_grad=True)
     weights = torch.randn(10, 3)
     (vq(x).output * weights).sum().backward()
@@ -35,10 +37,7 @@ def test_straight_through_gradient_is_identity():
 
 
 def test_commitment_loss_value_and_gradient():
-    vq = VectorQuantizer(4, 3)
-    vq.codebook.copy_(torch.randn(4, 3))
-    vq.initialized.fill_(True)
-    vq.eval()
+    vq = _frozen(4, 3)
     x = torch.randn(10, 3, requires_grad=True)
     out = vq(x)
     torch.testing.assert_close(out.commitment, ((x - out.codes) ** 2).mean())
