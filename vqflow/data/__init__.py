@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from .cifar import read_cifar_semantic
+from .folder import read_normal_folder
 from .magnetic_tile import read_magnetic_tile
 from .mvtec import read_mvtec
 from .sample import Sample
@@ -14,6 +15,7 @@ READERS = {
     "mvtec": lambda s: read_mvtec(s["root"], s.get("categories") or None),
     "visa": lambda s: read_visa(s["root"], s.get("split_csv", "split_csv/1cls.csv"), s.get("categories") or None),
     "magnetic_tile": lambda s: read_magnetic_tile(s["root"], s.get("split_csv", "split_80_20_seed0.csv")),
+    "normal_folder": lambda s: read_normal_folder(s["root"]),
     "cifar10": lambda s: read_cifar_semantic(
         s["root"], s["normal_classes"], s.get("archive", "cifar10_jpeg.zip"),
         s.get("train_per_class"), s.get("test_per_class"),

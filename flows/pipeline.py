@@ -1,0 +1,119 @@
+"""The pipeline as a Prefect flow: one task per DVC stage (`dvc repro --single-item`, which runs `vqflow <stage>`).
+
+Task results are cached on the stage's inputs as dvc.yaml declares them (the params sections it reads and
+the content of its dependencies); a stage whose outputs are missing always runs. Transient failures
+(I/O, runtime errors) are retried; bad data or bad params are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from vqflow import stages
+from vqflow.config import ParamsError, load_params
+
+STAGES = ("generate", "prepare", "validate", "features", "train", "evaluate", "export")
+PERMANENT = (stages.DataValidationError, ParamsError, ValueError, KeyError, FileNotFoundError)
+
+
+def _digest(path: Path) -> str:
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(f"{p.relative_to(path)}:{hashlib.sha256(p.read_bytes()).hexdigest()}".encode())
+        return h.hexdigest()
+    return "missing"
+
+
+def _lookup(params: dict, dotted: str) -> Any:
+    value: Any = params
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _outs(spec: dict) -> list[str]:
+    items = spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", [])
+    return [next(iter(i)) if isinstance(i, dict) else i for i in items]
+
+
+def stage_cache_key(context, arguments: dict) -> str | None:
+    """sha256 of the stage's declared params and dependency contents; None (no cache) if an output is missing."""
+    stage, repo, params = arguments["stage"], Path(arguments["repo"]), arguments["params"]
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
+    if any(not (repo / out).exists() for out in _outs(spec)):
+        return None
+    parts = {"stage": stage,
+             "params": {p: _lookup(params, p) for p in (spec.get("params") or [])},
+             "deps": {d: _digest(repo / d) for d in (spec.get("deps") or [])}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except PERMANENT:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_key_fn=stage_cache_key,
+      cache_expiration=timedelta(days=30), persist_result=True, task_run_name="{stage}")
+def run_stage(stage: str, repo: str, params: dict, force: bool = False) -> str:
+    """`dvc repro --single-item <stage>` in ``repo``: DVC records it in dvc.lock, the CLI runs `vqflow.stages`."""
+    import subprocess
+    import sys
+
+    logger = get_run_logger()
+    dvc = str(Path(sys.executable).parent / "dvc")
+    command = [dvc, "repro", "--single-item", stage] + (["--force"] if force else [])
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True)
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.strip() and "it/s]" not in line:
+            logger.info(line)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-12:]
+        error = stages.DataValidationError if stage == "validate" else RuntimeError
+        raise error(f"stage {stage} failed:\n" + "\n".join(tail))
+    return stage
+
+
+def metrics_artifacts(repo: Path, params: dict) -> dict:
+    """Markdown + table artifacts of the evaluation metrics; returns the metrics."""
+    from vqflow.report import metrics_markdown
+
+    metrics = json.loads((repo / params["outputs"]["metrics"]).read_text())
+    create_markdown_artifact(key="vqflow-metrics", markdown=f"# vqflow metrics ({metrics.get('model')})\n\n"
+                             + metrics_markdown(metrics), description="test metrics per category (%)")
+    rows = [{"category": c, **{k: round(100 * v, 2) for k, v in m.items()}}
+            for c, m in list(metrics["per_category"].items()) + [("mean", metrics["mean"])]]
+    create_table_artifact(key="vqflow-metrics-table", table=rows, description="test metrics per category (%)")
+    return metrics
+
+
+@flow(name="vqflow-pipeline", log_prints=True)
+def pipeline(repo: str = ".", stages_to_run: list[str] | None = None, force: list[str] | None = None) -> dict:
+    """generate -> prepare -> validate -> features -> train -> evaluate -> export in a git + DVC repo."""
+    root = Path(repo).resolve()
+    params = load_params(root / "params.yaml")
+    selected = [s for s in STAGES if s in (stages_to_run or STAGES)]
+    for stage in selected:
+        run_stage.with_options(refresh_cache=stage in (force or []))(stage, str(root), params, stage in (force or []))
+    return metrics_artifacts(root, params) if "evaluate" in selected else {}
+
+
+if __name__ == "__main__":
+    pipeline()

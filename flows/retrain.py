@@ -1,0 +1,152 @@
+"""Scheduled retraining: new normal images in the inbox -> validated -> versioned -> pipeline -> promotion.
+
+Nothing is lost when a step fails: inbox images are only copied into the dataset and leave the inbox after
+the pipeline succeeded; a failed run removes the copies and reverts the data commit; the champion in the
+model store changes only through the export stage's not-worse rule.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.pipeline import pipeline
+from vqflow.config import load_params
+from vqflow.data.manifest import read_manifest
+from vqflow.validation import validate_inbox
+from vqflow.validation.inbox import inbox_samples
+
+ADDED = "data/added"  # prepare.sources holds {kind: normal_folder, root: data/added}
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+def _dvc(root: Path, *args: str) -> str:
+    return _run([str(Path(sys.executable).parent / "dvc"), *args], root)
+
+
+@task
+def check_inbox(root: str, inbox: str) -> dict:
+    """Validate every inbox image against the current dataset: {"accepted": [...], "rejected": {path: reasons}}."""
+    params = load_params(Path(root) / "params.yaml")
+    manifest = read_manifest(Path(root) / params["prepare"]["manifest"])
+    verdict = validate_inbox(Path(root) / inbox, manifest, params["validate"])
+    return {"accepted": verdict.accepted, "rejected": verdict.rejected}
+
+
+@task
+def quarantine(root: str, inbox: str, rejected: dict[str, list[str]], folder: str) -> list[str]:
+    """Move rejected images to ``folder/<category>/`` with a ``.reason.txt`` beside each."""
+    moved = []
+    for path, reasons in rejected.items():
+        source = Path(path)
+        target = Path(root) / folder / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), target)
+        target.with_name(target.name + ".reason.txt").write_text("\n".join(reasons) + "\n")
+        moved.append(str(target))
+    return moved
+
+
+@task
+def add_to_dataset(root: str, accepted: list[str]) -> list[str]:
+    """Copy accepted images to data/added/<category>/ (the inbox keeps them until the run succeeded)."""
+    copies = []
+    for path in accepted:
+        source = Path(path)
+        target = Path(root) / ADDED / source.parent.name / source.name
+        if target.exists():
+            target = target.with_name(f"{target.stem}-{abs(hash(source.read_bytes())) % 10**8}{target.suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+        copies.append(str(target))
+    return copies
+
+
+@task
+def version_data(root: str, count: int, push: bool) -> str:
+    """`dvc add data/added`, commit the pointer; push to the remote when one is configured. Returns the commit."""
+    repo = Path(root)
+    _dvc(repo, "add", ADDED)
+    _run(["git", "add", f"{ADDED}.dvc", "data/.gitignore"], repo)
+    _run(["git", "commit", "-q", "-m", f"retrain: add {count} validated normal images"], repo)
+    if push and _dvc(repo, "remote", "list").strip():
+        _dvc(repo, "push")
+    return _run(["git", "rev-parse", "HEAD"], repo).strip()
+
+
+def _champion_tag() -> str | None:
+    from vqflow.registry import champion
+
+    ref = champion()
+    return str(ref.tag) if ref else None
+
+
+def _comparison(before: dict | None, after: dict) -> str:
+    lines = ["| category | champion mAD | challenger mAD | change |", "|---|---:|---:|---:|"]
+    for category, values in after["per_category"].items():
+        old = (before or {}).get("per_category", {}).get(category, {}).get("mad")
+        new = values["mad"]
+        change = f"{100 * (new - old):+.2f}" if old is not None else "new"
+        lines.append(f"| {category} | {'-' if old is None else f'{100 * old:.2f}'} | {100 * new:.2f} | {change} |")
+    return "\n".join(lines)
+
+
+@flow(name="vqflow-retrain", log_prints=True)
+def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str = "data/quarantine", push: bool = True) -> dict:
+    """Retrain when new normal images are waiting in ``inbox/<category>/``; promote only if not worse."""
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    if not inbox_samples(root / inbox):
+        logger.info("inbox %s is empty: nothing to do", root / inbox)
+        return {"status": "empty"}
+    verdict = check_inbox(str(root), inbox)
+    moved = quarantine(str(root), inbox, verdict["rejected"], quarantine_dir)
+    for path in moved:
+        logger.warning("quarantined %s", path)
+    if not verdict["accepted"]:
+        return {"status": "all rejected", "quarantined": moved}
+    from vqflow.registry import champion
+
+    before = champion()
+    before_metrics = before.info.metadata.get("metrics") if before else None
+    head = _run(["git", "rev-parse", "HEAD"], root).strip()
+    copies = add_to_dataset(str(root), verdict["accepted"])
+    try:
+        commit = version_data(str(root), len(copies), push)
+        metrics = pipeline(str(root), stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
+                           force=["prepare"])
+    except Exception:
+        for copy in copies:
+            Path(copy).unlink(missing_ok=True)
+        if _run(["git", "rev-parse", "HEAD"], root).strip() != head:
+            _run(["git", "revert", "--no-edit", "HEAD"], root)
+        logger.error("retraining failed: the inbox and the champion are unchanged")
+        raise
+    for path in verdict["accepted"]:
+        Path(path).unlink()
+    record = json.loads((root / load_params(root / "params.yaml")["outputs"]["export"]).read_text())
+    create_markdown_artifact(
+        key="vqflow-retrain", description="challenger vs champion",
+        markdown=f"# Retraining: {len(copies)} new images, model {record['tag']} is **{record['role']}**\n\n"
+                 + "; ".join(record["reasons"]) + "\n\n" + _comparison(before_metrics, metrics))
+    _run(["git", "add", "dvc.lock"], root)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode:
+        _run(["git", "commit", "-q", "-m", f"retrain: pipeline on data commit {commit[:8]} -> {record['role']}"], root)
+    return {"status": record["role"], "tag": record["tag"], "added": copies, "quarantined": moved,
+            "champion_before": str(before.tag) if before else None, "champion_after": _champion_tag()}
+
+
+if __name__ == "__main__":
+    retrain()

@@ -1,0 +1,121 @@
+"""The Prefect flows on a tiny generated dataset in a temporary git + DVC repo (Prefect's ephemeral server)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import ROOT, tiny_params
+
+
+def _git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flowrepo")
+    home = tmp_path_factory.mktemp("homes")
+    os.environ.update({"BENTOML_HOME": str(home / "bentoml"), "PREFECT_HOME": str(home / "prefect"),
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+                       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(ROOT / "vqflow", root / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))
+    params = tiny_params(Path("."))  # paths relative to the repo, as in the project's params.yaml
+    params["prepare"]["sources"] = [{"kind": "mvtec", "root": "data/synthetic"}, {"kind": "normal_folder", "root": "data/added"}]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    _git(root, "init", "-q")
+    _git(root, "config", "user.email", "ci@example.com")
+    _git(root, "config", "user.name", "ci")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "project")
+    return root
+
+
+def _manifest_rows(repo):
+    return len((repo / "data/manifest.csv").read_text().splitlines()) - 1
+
+
+def test_pipeline_flow_runs_every_stage_and_reports(repo):
+    from flows.pipeline import pipeline
+
+    metrics = pipeline(str(repo))
+    assert set(metrics["per_category"]) == {"wood", "chip"}
+    assert (repo / "models/model/model.safetensors").is_file() and (repo / "metrics/export.json").is_file()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert {"generate", "prepare", "validate", "features", "train", "evaluate", "export"} <= set(lock["stages"])
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "first run")
+
+
+def _new_normals(repo, count, start):
+    from vqflow.data.synthetic import render_sample
+
+    (repo / "data/inbox/wood").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image, _, _ = render_sample("wood", "train", start + i, size=64)
+        path = repo / f"data/inbox/wood/new_{start + i}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_retrain_validates_quarantines_versions_and_promotes_only_if_not_worse(repo):
+    from flows.retrain import retrain
+    from vqflow.registry import champion
+
+    before_rows = _manifest_rows(repo)
+    champion_before = str(champion().tag)
+    new = _new_normals(repo, 2, 500)
+    (repo / "data/inbox/wood/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    result = retrain(str(repo), push=False)
+    reason = (repo / "data/quarantine/wood/corrupt.png.reason.txt").read_text()
+    assert "decodable" in reason
+    assert sorted(p.name for p in (repo / "data/added/wood").iterdir()) == ["new_500.png", "new_501.png"]
+    assert not any(p.exists() for p in new), "accepted images leave the inbox after success"
+    assert _manifest_rows(repo) == before_rows + 2
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=repo, capture_output=True, text=True).stdout
+    assert "retrain: add 2 validated normal images" in log
+    record = json.loads((repo / "metrics/export.json").read_text())
+    assert result["status"] == record["role"]
+    expected = record["tag"] if record["role"] == "champion" else champion_before
+    assert str(champion().tag) == expected
+
+
+def test_retrain_with_an_empty_inbox_does_nothing(repo):
+    from flows.retrain import retrain
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    assert retrain(str(repo), push=False) == {"status": "empty"}
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout == head
+
+
+def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
+    from flows.retrain import retrain
+    from vqflow.registry import champion
+
+    champion_before = str(champion().tag)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = -1.0  # Adam refuses: the train stage fails
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    _git(repo, "commit", "-q", "-am", "break training")
+    added_before = sorted(p.name for p in (repo / "data/added/wood").iterdir())
+    new = _new_normals(repo, 1, 600)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    with pytest.raises(Exception, match="stage train failed"):
+        retrain(str(repo), push=False)
+    assert all(p.exists() for p in new), "the inbox keeps its images"
+    assert sorted(p.name for p in (repo / "data/added/wood").iterdir()) == added_before
+    assert str(champion().tag) == champion_before
+    tree = subprocess.run(["git", "diff", head.strip(), "--stat", "--", "data/added.dvc"], cwd=repo,
+                          capture_output=True, text=True).stdout
+    assert tree == "", "the data commit was reverted"
