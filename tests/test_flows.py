@@ -28,7 +28,7 @@ def repo(tmp_path_factory):
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(ROOT / "vqflow", root / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))
     params = tiny_params(Path("."))  # paths relative to the repo, as in the project's params.yaml
-    params["prepare"]["sources"] = [{"kind": "mvtec", "root": "data/synthetic"}, {"kind": "normal_folder", "root": "data/added"}]
+    params["prepare"]["sources"] = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["sources"]  # the project's
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     _git(root, "init", "-q")
