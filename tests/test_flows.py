@@ -119,3 +119,34 @@ def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
     tree = subprocess.run(["git", "diff", head.strip(), "--stat", "--", "data/added.dvc"], cwd=repo,
                           capture_output=True, text=True).stdout
     assert tree == "", "the data commit was reverted"
+
+
+def test_stage_cache_key_follows_the_declared_inputs(tmp_path):
+    from flows.pipeline import stage_cache_key
+
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
+        "cmd": "vqflow train", "deps": ["data/features"], "params": ["train", "prepare.manifest"],
+        "outs": ["models/model"]}}}))
+    (tmp_path / "data/features").mkdir(parents=True)
+    (tmp_path / "data/features/a.bin").write_bytes(b"one")
+    params = {"train": {"lr": 1e-3}, "prepare": {"manifest": "m.csv", "seed": 0}, "evaluate": {"x": 1}}
+    args = {"stage": "train", "repo": str(tmp_path), "params": params}
+    assert stage_cache_key(None, args) is None, "no cached result while the output is missing"
+    (tmp_path / "models/model").mkdir(parents=True)
+    key = stage_cache_key(None, args)
+    assert key == stage_cache_key(None, args)
+    assert stage_cache_key(None, {**args, "params": {**params, "evaluate": {"x": 2}}}) == key  # not declared
+    assert stage_cache_key(None, {**args, "params": {**params, "train": {"lr": 2e-3}}}) != key
+    (tmp_path / "data/features/a.bin").write_bytes(b"two")
+    assert stage_cache_key(None, args) != key
+
+
+def test_only_transient_failures_are_retried():
+    from prefect.states import Failed
+
+    from flows.pipeline import _transient
+    from vqflow.stages import DataValidationError
+
+    assert _transient(None, None, Failed(data=RuntimeError("worker lost")))
+    assert not _transient(None, None, Failed(data=DataValidationError("bad data")))
+    assert not _transient(None, None, Failed(data=ValueError("bad param")))
