@@ -14,6 +14,8 @@ SHARED_DATA = SHARED / "data"
 for key, value in {
     "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false",
     "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+    # Prefect's ephemeral server logs its shutdown at exit, after pytest closed the streams: keep it quiet.
+    "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(key, value)
 
