@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -95,8 +96,6 @@ def write_index(manifest: pd.DataFrame, spec: BackboneSpec, manifest_sha: str, o
     shards = []
     for shard, (start, stop) in enumerate(shard_ranges(len(manifest), shard_size)):
         path = out_dir / shard_name(shard)
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
             ids = json.loads(fh.metadata()["image_ids"])
         expected = manifest["image_id"].iloc[start:stop].tolist()

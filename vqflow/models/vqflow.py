@@ -108,25 +108,35 @@ class VQFlow(AnomalyModel):
 
     # ------------------------------------------------------------------------------------------ encoding
 
+    def _concept_vector(self, top: torch.Tensor) -> torch.Tensor:
+        return self.cpc_proj(top.mean((2, 3)))
+
     def _prototype(self, top: torch.Tensor):
-        g = self.cpc_proj(top.mean((2, 3)))
-        return self.cpc_vq(g)
+        return self.cpc_vq(self._concept_vector(top))
+
+    def _context(self, x: torch.Tensor, proto: torch.Tensor | None) -> list[torch.Tensor]:
+        """[PE ; prototype] broadcast over the pixels of one scale (the parts that are switched on)."""
+        b, _, h, w = x.shape
+        parts = [getattr(self, f"pe_{h}")[None].expand(b, -1, -1, -1)] if self.config.pe else []
+        if proto is not None:
+            parts.append(proto[:, :, None, None].expand(-1, -1, h, w))
+        return parts
+
+    def _pattern_source(self, level: int, x: torch.Tensor, context: list[torch.Tensor]):
+        """What CSPC quantises at one scale: f - [PE ; prototype] (residual) or f (naive); and that target."""
+        f = self.cspc_proj[level](x)
+        if self.config.cspc_mode == "residual":
+            target = torch.cat(context, 1)
+            return f - target, target
+        return f, None
 
     def _conditions(self, pooled: list[torch.Tensor], proto: torch.Tensor | None):
-        cfg = self.config
         conds, quantized = [], []
-        for l, x in enumerate(pooled):
-            b, _, h, w = x.shape
-            parts = []
-            if cfg.pe:
-                parts.append(getattr(self, f"pe_{h}")[None].expand(b, -1, -1, -1))
-            if proto is not None:
-                parts.append(proto[:, :, None, None].expand(-1, -1, h, w))
-            if cfg.cspc:
-                f = self.cspc_proj[l](x)
-                target = torch.cat(parts, 1) if cfg.cspc_mode == "residual" else None
-                source = f - target if target is not None else f
-                q = self.cspc_vq[l](source.permute(0, 2, 3, 1))
+        for level, x in enumerate(pooled):
+            parts = self._context(x, proto)
+            if self.config.cspc:
+                source, target = self._pattern_source(level, x, parts)
+                q = self.cspc_vq[level](source.permute(0, 2, 3, 1))
                 pattern = q.output.permute(0, 3, 1, 2)
                 pattern = pattern + target if target is not None else pattern
                 parts = [pattern] + ([parts[-1]] if proto is not None else [])
@@ -181,19 +191,12 @@ class VQFlow(AnomalyModel):
         for vq in ([self.cpc_vq] if self.config.cpc else []) + (list(self.cspc_vq) if self.config.cspc else []):
             vq.initialized.fill_(False)
         if self.config.cpc:
-            g = self.cpc_proj(features[3].mean((2, 3)))
-            self.cpc_vq.initialize(g)
+            self.cpc_vq.initialize(self._concept_vector(features[3]))
         if self.config.cspc:
             proto = self._prototype(features[3]).codes if self.config.cpc else None
-            pooled = [self.pool(f) for f in features[:3]]
-            cfg = self.config
-            for l, x in enumerate(pooled):
-                b, _, h, w = x.shape
-                parts = ([getattr(self, f"pe_{h}")[None].expand(b, -1, -1, -1)] if cfg.pe else []) + (
-                    [proto[:, :, None, None].expand(-1, -1, h, w)] if proto is not None else [])
-                f = self.cspc_proj[l](x)
-                source = f - torch.cat(parts, 1) if cfg.cspc_mode == "residual" else f
-                self.cspc_vq[l].initialize(source.permute(0, 2, 3, 1).reshape(-1, source.shape[1]))
+            for level, x in enumerate(self.pool(f) for f in features[:3]):
+                source, _ = self._pattern_source(level, x, self._context(x, proto))
+                self.cspc_vq[level].initialize(source.permute(0, 2, 3, 1).reshape(-1, source.shape[1]))
         self.train(was_training)
 
     def training_step(self, features: list[torch.Tensor]) -> StepOutput:
