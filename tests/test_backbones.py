@@ -60,8 +60,24 @@ def test_packaged_weights_really_load():
 def test_missing_timm_weights_raise_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(WeightsNotFoundError, match="wide_resnet50_2.*not in the local cache"):
+    with pytest.raises(WeightsNotFoundError, match="wide_resnet50_2.*not on this machine"):
         FeaturePyramid("wide_resnet50_2", "timm")
+    with pytest.raises(WeightsNotFoundError, match="vit_small_patch16_224.dino.*not on this machine"):
+        FeaturePyramid("vit_small_patch16_224.dino", "timm")
+
+
+def test_timm_weights_in_the_local_torch_cache_are_used(monkeypatch, tmp_path):
+    """DINO ViT-S weights (here: a random stand-in) placed where timm caches them are loaded, offline."""
+    import timm
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = timm.create_model("vit_small_patch16_224.dino", pretrained=False)
+    (tmp_path / "hub/checkpoints").mkdir(parents=True)
+    torch.save(reference.state_dict(), tmp_path / "hub/checkpoints/dino_deitsmall16_pretrain.pth")
+    encoder = FeaturePyramid("vit_small_patch16_224.dino", "timm")
+    assert torch.equal(encoder.body.model.blocks[5].mlp.fc1.weight, reference.blocks[5].mlp.fc1.weight)
+    maps = encoder(torch.rand(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, 384, 4, 4)] * 4
 
 
 def test_missing_weights_file_and_unpackaged_model(tmp_path):

@@ -14,7 +14,6 @@ Random weights only when ``pretrained: false``. Missing weights raise :class:`We
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
 import timm
@@ -68,17 +67,36 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
 
+def cached_timm_weights(name: str) -> Path:
+    """The local file of timm's pretrained weights for ``name`` (HF cache or torch hub cache), never fetched."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise WeightsNotFoundError(f"{name}: timm has no pretrained weights for this name")
+    looked = []
+    if cfg.hf_hub_id:
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+        looked.append(f"the Hugging Face cache (repo {cfg.hf_hub_id})")
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / cfg.url.rsplit("/", 1)[-1]
+        if path.is_file():
+            return path
+        looked.append(str(path))
+    raise WeightsNotFoundError(
+        f"{name}: timm pretrained weights are not on this machine (looked in {' and '.join(looked) or 'nothing'}). "
+        "Copy them there, point `features.weights` at a weights file, "
+        "or use `features.weights: packaged` with tf_efficientnet_lite0/1/2."
+    )
+
+
 def _timm_cached(name: str, **kwargs) -> nn.Module:
-    """timm pretrained weights from the local cache only: offline, with a clear error if absent."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as exc:
-        raise WeightsNotFoundError(
-            f"{name}: timm pretrained weights are not in the local cache ({type(exc).__name__}: {exc}). "
-            "Copy them into the Hugging Face cache, point `features.weights` at a weights file, "
-            "or use `features.weights: packaged` with tf_efficientnet_lite0/1/2."
-        ) from exc
+    """timm's pretrained weights from the local cache only: offline, with a clear error if absent."""
+    path = cached_timm_weights(name)
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], allowed_missing: tuple[str, ...] = ()) -> None:
@@ -103,21 +121,28 @@ def create_classifier(name: str, weights: str = "packaged") -> nn.Module:
 
 
 class FeaturePyramid(nn.Module):
-    """Frozen extractor: images in [0, 1] (B, 3, H, W) -> list of feature maps at strides 4, 8, 16, 32."""
+    """Frozen extractor: images in [0, 1] (B, 3, H, W) -> list of 4 feature maps.
+
+    A CNN gives its stride 4/8/16/32 pyramid; a plain ViT (columnar: every block at the patch stride) is split
+    into four equal stages and gives the output of each stage's last block.
+    """
 
     def __init__(self, name: str = "tf_efficientnet_lite0", weights: str = "packaged", pretrained: bool = True):
         super().__init__()
         self.name = name
-        out_indices = self._out_indices(name)
+        out_indices, columnar = self._out_indices(name)
+        kwargs = {"features_only": True, "out_indices": out_indices}
+        if columnar:
+            kwargs["dynamic_img_size"] = True  # any image size: the position embedding is interpolated
         if pretrained and weights == "timm":
-            self.body = _timm_cached(name, features_only=True, out_indices=out_indices)
+            self.body = _timm_cached(name, **kwargs)
         else:
-            self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices)
+            self.body = timm.create_model(name, pretrained=False, **kwargs)
             if pretrained:
                 state = packaged_state_dict(name) if weights == "packaged" else _file_state_dict(Path(weights))
-                load_state(self.body, state)
+                load_state(getattr(self.body, "model", self.body) if columnar else self.body, state)
         reductions = tuple(self.body.feature_info.reduction())
-        if reductions != PYRAMID_STRIDES:
+        if reductions != PYRAMID_STRIDES and not (columnar and len(set(reductions)) == 1):
             raise ValueError(f"{name}: feature strides {reductions}, expected {PYRAMID_STRIDES}")
         self.channels: list[int] = list(self.body.feature_info.channels())
         cfg = self.body.pretrained_cfg
@@ -127,13 +152,18 @@ class FeaturePyramid(nn.Module):
         self.eval()
 
     @staticmethod
-    def _out_indices(name: str) -> tuple[int, ...]:
-        probe = timm.create_model(name, pretrained=False, features_only=True)
-        reductions = probe.feature_info.reduction()
+    def _out_indices(name: str) -> tuple[tuple[int, ...], bool]:
+        """Indices of the four feature maps, and whether the model is columnar (a plain ViT)."""
+        probe = timm.create_model(name, pretrained=False)
+        reductions = [info["reduction"] for info in probe.feature_info]
+        if len(set(reductions)) == 1 and len(reductions) % 4 == 0:
+            per_stage = len(reductions) // 4
+            return tuple(per_stage * (k + 1) - 1 for k in range(4)), True
+        reductions = timm.create_model(name, pretrained=False, features_only=True).feature_info.reduction()
         indices = tuple(reductions.index(s) for s in PYRAMID_STRIDES if s in reductions)
         if len(indices) != len(PYRAMID_STRIDES):
             raise ValueError(f"{name}: no feature maps at strides {PYRAMID_STRIDES} (has {reductions})")
-        return indices
+        return indices, False
 
     def train(self, mode: bool = True) -> "FeaturePyramid":
         return super().train(False)  # frozen: batch-norm statistics never change

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -66,20 +67,19 @@ def _manifest_and_cache(params: dict):
 def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     """Train the configured model on the train split (all categories mixed, no labels) and save it."""
     from .backbones import resolve_device
-    from .models import create_model, make_config, save_model
+    from .models import config_from_params, create_model, save_model
     from .train import Checkpoint, TrainConfig, fingerprint, seed_everything, train_model, write_history
 
     manifest, cache = _manifest_and_cache(params)
-    model_params = dict(section(params, "model", ("name",)))
-    name = model_params.pop("name")
-    cfg = TrainConfig.from_params(dict(section(params, "train")))
-    config = make_config(name, model_params, in_channels=_channels(cache), image_size=cache.spec.image_size)
+    name, config = config_from_params(section(params, "model", ("name",)), in_channels=_channels(cache),
+                                      image_size=cache.spec.image_size)
+    cfg = TrainConfig.from_params(dict(section(params, "train")), name)
     seed_everything(cfg.seed)
     model = create_model(name, config)
     train_ids = manifest.loc[manifest.split == "train", "image_id"].tolist()
     features = cache.get(train_ids)
     out = section(params, "outputs", ("model", "train_log", "checkpoints"))
-    key = fingerprint(name, model_params, cfg.__dict__, cache.index["key"])
+    key = fingerprint(name, dataclasses.asdict(config), cfg.__dict__, cache.index["key"])
     checkpoint = Checkpoint(Path(out["checkpoints"]) / key, key)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
@@ -149,6 +149,7 @@ def evaluate(params: dict) -> dict:
         decisions[category] = at
     metrics["at_threshold"] = decisions
     metrics["fps"] = inference_fps(params, model, test, device)
+    metrics["train_seconds"] = meta.get("train_seconds_total")
     metrics["model"] = meta["model"]
     write_json(out["metrics"], metrics)
     frame = test[["image_id", "category", "label", "defect_type"]].copy()

@@ -32,19 +32,34 @@ class TrainConfig:
     lr_decay_epochs: list[int] = field(default_factory=list)
     lr_decay: float = 0.1
     grad_clip: float = 2.0
+    optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
     weight_decay: float = 0.0
     seed: int = 0
     checkpoint_every: int = 5
     init_images: int = 64
     device: str = "auto"
 
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+
     @classmethod
-    def from_params(cls, params: dict) -> "TrainConfig":
+    def from_params(cls, params: dict, model_name: str | None = None) -> "TrainConfig":
+        """The ``train`` section, with ``train.per_model.<model_name>`` (a model's own recipe) applied over it."""
+        params = dict(params)
+        per_model = params.pop("per_model", None) or {}
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"train: unknown params {unknown}; known: {sorted(known)}")
-        return cls(**params)
+        for where, values in [("train", params)] + [(f"train.per_model.{m}", v) for m, v in per_model.items()]:
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"{where}: unknown params {unknown}; known: {sorted(known)}")
+        return cls(**{**params, **per_model.get(model_name, {})})
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return OPTIMIZERS[self.optimizer](params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def seed_everything(seed: int) -> None:
@@ -140,7 +155,7 @@ def train_model(
     init_ids = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.init_images]
     model.initialize([f[init_ids].to(device) for f in features])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = cfg.make_optimizer(params)
     start, history = 0, []
     if checkpoint is not None:
         restored = checkpoint.load(model, optimizer)
@@ -152,6 +167,7 @@ def train_model(
         model.train()
         order = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         usage = {name: torch.zeros(size, dtype=torch.long) for name, size in model.codebook_sizes.items()}
         started = time.perf_counter()
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
@@ -160,19 +176,21 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ids = order[step * batch: (step + 1) * batch]
-            out = model.training_step([f[ids].to(device, non_blocking=True) for f in features])
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {out.loss.item()} (lower train.lr?)")
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            for name, value in {"loss": out.loss, **out.terms, "grad_norm": grad_norm}.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            for name, codes in out.codes.items():
-                usage[name] += torch.bincount(codes.flatten().cpu(), minlength=usage[name].numel())
-            bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
-        row = {"epoch": epoch + 1, "lr": lr, **{k: v / steps for k, v in sums.items()}}
+            for chunk in model.training_chunks([f[ids].to(device, non_blocking=True) for f in features]):
+                out = model.training_step(chunk)
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {out.loss.item()} (lower train.lr?)")
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                for name, value in {"loss": out.loss, **out.terms, "grad_norm": grad_norm}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                    counts[name] = counts.get(name, 0) + 1
+                for name, codes in out.codes.items():
+                    usage[name] += torch.bincount(codes.flatten().cpu(), minlength=usage[name].numel())
+                bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
+        row = {"epoch": epoch + 1, "lr": lr, **{k: v / counts[k] for k, v in sums.items()}}
         for name, counts in usage.items():
             row[f"{name}_perplexity"] = perplexity(counts)
             row[f"{name}_used"] = float((counts > 0).float().mean())
@@ -186,7 +204,10 @@ def train_model(
         if checkpoint is not None and (last or (epoch + 1) % cfg.checkpoint_every == 0):
             checkpoint.save(model, optimizer, epoch, history)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
-            break
+            return history
+    model.eval()
+    with torch.no_grad():
+        model.fit_statistics([f[start: start + batch].to(device) for f in features] for start in range(0, count, batch))
     return history
 
 

@@ -19,41 +19,58 @@ class ModelEntry:
     config_class: type
     build: Callable[[Any], AnomalyModel]
     overrides: dict[str, Any]
+    section: str  # the params.yaml section ``model.<section>`` this model reads
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, config_class: type, overrides: dict[str, Any] | None = None):
-    """Class decorator: ``@register_model("vqflow", VQFlowConfig)``; overrides fix config fields for a variant."""
+def register_model(name: str, config_class: type, overrides: dict[str, Any] | None = None, section: str | None = None):
+    """Decorator of a builder: ``@register_model("vqflow", VQFlowConfig)``. A variant fixes some config fields
+    (``overrides``) and may share another model's params section (``section``)."""
 
     def wrap(build: Callable[[Any], AnomalyModel]):
-        MODELS[name] = ModelEntry(config_class, build, dict(overrides or {}))
+        MODELS[name] = ModelEntry(config_class, build, dict(overrides or {}), section or name)
         return build
 
     return wrap
 
 
 def _load_builtin_models() -> None:
-    from . import vqflow  # noqa: F401  (registers vqflow and msflow)
+    from . import cflow, vitad, vqflow  # noqa: F401  (each registers its models)
 
 
-def make_config(name: str, params: dict[str, Any], **derived: Any):
-    """The config of model ``name`` from its params section plus derived fields (channels, image size)."""
+def available_models() -> list[str]:
+    _load_builtin_models()
+    return sorted(MODELS)
+
+
+def _entry(name: str) -> ModelEntry:
     _load_builtin_models()
     if name not in MODELS:
-        raise ValueError(f"model.name: unknown model {name!r}; available: {sorted(MODELS)}")
-    entry = MODELS[name]
+        raise ValueError(f"model.name: unknown model {name!r}; available: {available_models()}")
+    return MODELS[name]
+
+
+def make_config(name: str, values: dict[str, Any], **derived: Any):
+    """The config of model ``name`` from field values plus derived fields (channels, image size)."""
+    entry = _entry(name)
     fields = {f.name for f in dataclasses.fields(entry.config_class)}
-    values = {k: v for k, v in params.items() if k in fields}
-    values.update(derived)
-    values.update(entry.overrides)
-    return entry.config_class(**values)
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"model.{entry.section}: unknown params {unknown}; known: {sorted(fields - set(derived))}")
+    return entry.config_class(**{**values, **derived, **entry.overrides})
+
+
+def config_from_params(model_params: dict[str, Any], **derived: Any):
+    """(name, config) from the ``model`` params section: ``name`` selects the model, ``model.<section>`` its knobs."""
+    name = model_params.get("name")
+    entry = _entry(name)
+    return name, make_config(name, dict(model_params.get(entry.section) or {}), **derived)
 
 
 def create_model(name: str, config) -> AnomalyModel:
-    _load_builtin_models()
-    return MODELS[name].build(config)
+    return _entry(name).build(config)
 
 
 def save_model(model: AnomalyModel, name: str, config, path: str | Path, extra: dict[str, Any] | None = None,
@@ -81,5 +98,6 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[AnomalyModel, dic
     return model.to(device).eval(), meta
 
 
-__all__ = ["AnomalyModel", "Prediction", "StepOutput", "MODELS", "register_model", "make_config", "create_model",
+__all__ = ["AnomalyModel", "Prediction", "StepOutput", "MODELS", "available_models", "register_model", "make_config", "config_from_params",
+           "create_model",
            "save_model", "load_model"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -34,8 +35,15 @@ class AnomalyModel(nn.Module):
     def initialize(self, features: list[torch.Tensor]) -> None:
         """Data-dependent initialisation before training (e.g. codebooks); default: nothing."""
 
-    def training_step(self, features: list[torch.Tensor]) -> StepOutput:
+    def training_chunks(self, features: list[torch.Tensor]) -> Iterable[Any]:
+        """What one batch of images becomes for the optimiser: one step per chunk (default: the batch itself)."""
+        yield features
+
+    def training_step(self, chunk: Any) -> StepOutput:
         raise NotImplementedError
+
+    def fit_statistics(self, batches: Iterable[list[torch.Tensor]]) -> None:
+        """After training, in eval mode: statistics of the training data the scores need (default: none)."""
 
     @torch.no_grad()
     def predict(self, features: list[torch.Tensor]) -> Prediction:

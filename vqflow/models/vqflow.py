@@ -186,6 +186,10 @@ class VQFlow(AnomalyModel):
     @torch.no_grad()
     def initialize(self, features: list[torch.Tensor]) -> None:
         """k-means++ codebooks from the training data, level by level (prototypes first, then patterns)."""
+        sizes, expected = [f.shape[-1] for f in features], [self.config.image_size // s for s in (4, 8, 16, 32)]
+        if sizes != expected:
+            raise ValueError(f"vqflow/msflow need a CNN pyramid at strides 4/8/16/32 (sizes {expected}), the features "
+                             f"have sizes {sizes}: use a CNN features.backbone (cflow and vitad also take a plain ViT)")
         was_training = self.training
         self.train()
         for vq in ([self.cpc_vq] if self.config.cpc else []) + (list(self.cspc_vq) if self.config.cspc else []):
@@ -246,6 +250,6 @@ def build_vqflow(config: VQFlowConfig) -> VQFlow:
     return VQFlow(config)
 
 
-@register_model("msflow", VQFlowConfig, {"cpc": False, "cspc": False, "cadm": False, "pe": False})
+@register_model("msflow", VQFlowConfig, {"cpc": False, "cspc": False, "cadm": False, "pe": False}, section="vqflow")
 def build_msflow(config: VQFlowConfig) -> VQFlow:
     return VQFlow(config)

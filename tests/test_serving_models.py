@@ -1,0 +1,52 @@
+"""Every baseline goes through the same pipeline, export and `bentoml serve` as VQ-Flow (test_serving.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+import yaml
+
+from tests.conftest import tiny_params
+from tests.servers import bentoml_server
+
+TINY_SECTIONS = {
+    "cflow": {"coupling_blocks": 2, "pe_channels": 16, "chunk_size": 64},
+    "vitad": {"decoder_dim": 32, "decoder_heads": 2, "blocks_per_stage": 1, "smoothing_sigma": 2.0, "pool_size": 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_SECTIONS))
+def test_model_is_trained_by_the_pipeline_and_served(name, tmp_path):
+    from vqflow import stages
+
+    params = tiny_params(tmp_path)
+    params["model"] = {"name": name, name: TINY_SECTIONS[name]}
+    for stage in (stages.generate, stages.prepare, stages.validate, stages.features, stages.train, stages.evaluate):
+        stage(params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    exported = subprocess.run([sys.executable, "-m", "vqflow.cli", "--params", str(tmp_path / "params.yaml"), "export"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    tag = json.loads(Path(params["outputs"]["export"]).read_text())["tag"]
+
+    manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
+    offline = pd.read_csv(params["outputs"]["scores"], dtype={"image_id": str}).set_index("image_id")
+    thresholds = json.loads((Path(params["outputs"]["model"]) / "thresholds.json").read_text())
+    with bentoml_server({**env, "VQFLOW_MODEL_TAG": tag}) as (url, _):
+        for _, row in manifest[manifest.split == "test"].iterrows():
+            response = requests.post(f"{url}/predict", files={"image": ("x.png", Path(row.path).read_bytes(), "image/png")},
+                                     data={"category": row.category, "with_map": "true"}, timeout=60)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            expected = offline.loc[row.image_id, "score"]
+            assert abs(body["score"] - expected) < 1e-5, (name, row.path, body["score"], expected)
+            assert body["is_anomaly"] == (expected > thresholds["categories"][row.category]["image"])
+            assert body["model_tag"] == tag and body["concept"] is None and body["anomaly_map_png"]
+        bad = requests.post(f"{url}/predict", files={"image": ("x.png", b"not an image", "image/png")}, timeout=60)
+        assert 400 <= bad.status_code < 500
