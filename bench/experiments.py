@@ -1,0 +1,126 @@
+"""Every model of the pipeline as a DVC experiment, and the comparison table built from those experiments.
+
+    python bench/experiments.py run   --suite default            # dvc exp run -n default-<model> -S model.name=<model>
+    python bench/experiments.py run   --suite real --shared ../shared
+    python bench/experiments.py table --suite default            # reads `dvc exp show --json`, writes the tables
+
+``run`` is `dvc exp run` per model (same pipeline, evaluator and thresholds for all); ``table`` writes
+bench/results/experiments_<suite>.{json,md} and replaces the block between the README markers
+``<!-- experiments:<suite> -->`` and ``<!-- /experiments:<suite> -->``. Nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ["vqflow", "msflow", "cflow", "vitad"]
+METRICS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1max", "I-F1max"), ("pixel_auroc", "P-AUROC"),
+           ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "AUPRO"), ("mad", "mAD")]
+
+
+def suite_overrides(suite: str, shared: str) -> list[str]:
+    """The `-S` params of a suite. ``real``: MVTec bottle + Magnetic Tile in one unified model, 8 epochs."""
+    if suite == "default":
+        return []
+    if suite == "real":
+        sources = (f"[{{kind:mvtec,root:{shared}/data/mvtec_ad,categories:[bottle]}},"
+                   f"{{kind:magnetic_tile,root:{shared}/data/magnetic_tile}}]")
+        # Magnetic Tile ships 4 empty and 6 anti-aliased masks: report them, do not stop on them
+        return [f"prepare.sources={sources}", "validate.warn_only=[mask_not_empty,mask_binary]",
+                "train.epochs=8", "train.lr_decay_epochs=[6]"]
+    raise SystemExit(f"unknown suite {suite!r}: default | real")
+
+
+def dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=ROOT, check=True, text=True, capture_output=capture)
+
+
+def run(suite: str, models: list[str], shared: str) -> None:
+    existing = set(dvc("exp", "list", "--name-only", capture=True).stdout.split())
+    for model in models:
+        name = f"{suite}-{model}"
+        if name in existing:
+            dvc("exp", "remove", name)
+        sets = [arg for s in [f"model.name={model}", *suite_overrides(suite, shared)] for arg in ("-S", s)]
+        print(f"== dvc exp run -n {name} {' '.join(sets)}", flush=True)
+        dvc("exp", "run", "-n", name, *sets)
+
+
+def experiments() -> dict[str, dict]:
+    """name -> {"params", "metrics", "rev"} of every experiment `dvc exp show` knows."""
+    shown = json.loads(dvc("exp", "show", "--json", capture=True).stdout)
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                if not rev.get("name") or rev.get("error"):
+                    continue
+                params = data["params"]["params.yaml"]["data"]
+                metrics = data.get("metrics", {}).get("metrics/metrics.json", {}).get("data", {})
+                found[rev["name"]] = {"params": params, "metrics": metrics, "rev": rev["rev"][:7]}
+    return found
+
+
+def table(suite: str, readme: Path) -> str:
+    found = experiments()
+    rows, records = [], []
+    for model in MODELS:
+        exp = found.get(f"{suite}-{model}")
+        if exp is None or not exp["metrics"]:
+            continue
+        m = exp["metrics"]
+        train_params = {**exp["params"]["train"], **exp["params"]["train"].get("per_model", {}).get(model, {})}
+        train_params.pop("per_model", None)
+        record = {"experiment": f"{suite}-{model}", "rev": exp["rev"], "model": model, **m["mean"],
+                  "fps": m.get("fps"), "train_seconds": m.get("train_seconds"), "epochs": train_params["epochs"],
+                  "per_category": {c: v["image_auroc"] for c, v in m["per_category"].items()}}
+        records.append(record)
+        time = f"{record['train_seconds']:.0f}" if record["train_seconds"] is not None else "n/a"
+        rows.append(f"| {model} | " + " | ".join(f"{100 * m['mean'][k]:.1f}" for k, _ in METRICS)
+                    + f" | {record['fps']:.1f} | {time} ({record['epochs']} ep) |")
+    if not rows:
+        raise SystemExit(f"no finished experiments named {suite}-<model>: run `python bench/experiments.py run --suite {suite}`")
+    header = ("| model | " + " | ".join(label for _, label in METRICS) + " | FPS | train s |\n"
+              "|---|" + "---:|" * (len(METRICS) + 2))
+    body = header + "\n" + "\n".join(rows)
+    categories = sorted({c for r in records for c in r["per_category"]})
+    body += ("\n\nImage AUROC per category:\n\n| model | " + " | ".join(categories) + " |\n|---|" + "---:|" * len(categories)
+             + "\n" + "\n".join(f"| {r['model']} | " + " | ".join(f"{100 * r['per_category'].get(c, float('nan')):.1f}"
+                                                                  for c in categories) + " |" for r in records))
+    md = write_results(f"experiments_{suite}", {"suite": suite, "experiments": records}, body)
+    if readme.is_file():
+        m = machine()
+        block = (f"_`python bench/experiments.py table --suite {suite}`, {m['date']}, commit {m['commit']}, "
+                 f"{m['cpus']} cores, torch {m['torch']}; FPS = decode + backbone + model + maps, batch 16_\n\n{body}\n")
+        text = readme.read_text()
+        pattern = re.compile(rf"(<!-- experiments:{suite} -->\n).*?(<!-- /experiments:{suite} -->)", re.S)
+        if pattern.search(text):
+            readme.write_text(pattern.sub(lambda g: g.group(1) + block + g.group(2), text))
+    return md.read_text()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["run", "table"])
+    parser.add_argument("--suite", default="default", choices=["default", "real"])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--shared", default="../shared", help="folder holding data/mvtec_ad and data/magnetic_tile")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args()
+    if args.action == "run":
+        run(args.suite, args.models, args.shared)
+    print(table(args.suite, args.readme))
+
+
+if __name__ == "__main__":
+    main()
