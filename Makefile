@@ -15,7 +15,7 @@ export PREFECT_HOME ?= $(CURDIR)/.home/prefect
 export BENTOML_HOME ?= $(CURDIR)/.home/bentoml
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install lock bench clean
+.PHONY: run test install lock bench peer-env clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: vqflow needs Python 3.11"; exit 1; }
@@ -33,7 +33,17 @@ run: $(STAMP)
 test: $(STAMP)
 	pytest -q
 
-bench: $(STAMP)
+# The bench-only peer (anomalib) lives in its own environment, never in .venv.
+PEER := .venv-peer
+$(PEER)/.installed: bench/peer-requirements.txt bench/peer-constraints.txt
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install --quiet -r bench/peer-requirements.txt -c bench/peer-constraints.txt
+	touch $@
+
+peer-env: $(PEER)/.installed
+
+# Every benchmark (long: DVC experiments on default and real data, CIFAR-10, anomalib); results in bench/results/.
+bench: $(STAMP) $(PEER)/.installed
 	python bench/run_all.py
 
 lock: $(STAMP)

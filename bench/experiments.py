@@ -45,14 +45,23 @@ def dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
 
 
 def run(suite: str, models: list[str], shared: str) -> None:
+    """Each model as a workspace experiment; afterwards the workspace is back at the committed pipeline state."""
+    tracked = ["params.yaml", "dvc.lock"]
+    dirty = subprocess.run(["git", "status", "--porcelain", *tracked], cwd=ROOT, capture_output=True, text=True).stdout
+    if dirty.strip():
+        raise SystemExit(f"uncommitted changes in {tracked}: commit or stash them first (experiments start from HEAD)")
     existing = set(dvc("exp", "list", "--name-only", capture=True).stdout.split())
-    for model in models:
-        name = f"{suite}-{model}"
-        if name in existing:
-            dvc("exp", "remove", name)
-        sets = [arg for s in [f"model.name={model}", *suite_overrides(suite, shared)] for arg in ("-S", s)]
-        print(f"== dvc exp run -n {name} {' '.join(sets)}", flush=True)
-        dvc("exp", "run", "-n", name, *sets)
+    try:
+        for model in models:
+            name = f"{suite}-{model}"
+            if name in existing:
+                dvc("exp", "remove", name)
+            sets = [arg for s in [f"model.name={model}", *suite_overrides(suite, shared)] for arg in ("-S", s)]
+            print(f"== dvc exp run -n {name} {' '.join(sets)}", flush=True)
+            dvc("exp", "run", "-n", name, *sets)
+    finally:
+        subprocess.run(["git", "checkout", "--", *tracked], cwd=ROOT, check=True)
+        dvc("checkout", "--quiet")
 
 
 def experiments() -> dict[str, dict]:

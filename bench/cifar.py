@@ -1,0 +1,102 @@
+"""CIFAR-10 semantic anomaly detection (VQ-Flow paper, Sec. 4.4): five classes normal, the other five anomalous,
+one unified model per split; image AUROC on the test images of all ten classes. Every model of the pipeline.
+
+    python bench/cifar.py [--shared ../shared] [--train-per-class 200] [--test-per-class 100] [--epochs 8]
+
+Runs the pipeline's own stages (prepare -> features -> train, thresholds on held-out normals) in
+bench/.work/cifar/ (never committed), then scores the test split. Sized for 2 CPU cores: a class-balanced
+subset (the first N images of each class) at 128 px instead of all 50 000 / 10 000 images at 256 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import write_results  # noqa: E402
+
+SPLITS = {"01234": [0, 1, 2, 3, 4], "56789": [5, 6, 7, 8, 9], "02468": [0, 2, 4, 6, 8], "13579": [1, 3, 5, 7, 9]}
+PAPER_VQFLOW = {"01234": 83.8, "56789": 86.9, "02468": 92.3, "13579": 91.6}  # mean 88.6; UniAD mean 87.2
+MODELS = ["vqflow", "msflow", "cflow", "vitad"]
+
+
+def split_params(base: dict, work: Path, shared: Path, normal: list[int], args) -> dict:
+    params = copy.deepcopy(base)
+    params["prepare"].update(sources=[{"kind": "cifar10", "root": str(shared / "data/cifar10_jpeg"), "normal_classes": normal,
+                                       "train_per_class": args.train_per_class, "test_per_class": args.test_per_class}],
+                             manifest=str(work / "manifest.csv"))
+    params["features"].update(image_size=args.image_size, cache=str(work / "features"))
+    params["train"].update(epochs=args.epochs, lr_decay_epochs=[max(1, round(0.8 * args.epochs))])
+    params["outputs"] = {**params["outputs"], "model": str(work / "model"), "checkpoints": str(work / "checkpoints"),
+                         "train_log": str(work / "train_log.json")}
+    return params
+
+
+def run_split(base: dict, work: Path, shared: Path, normal: list[int], models: list[str], args) -> dict:
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from vqflow import stages
+    from vqflow.models import load_model
+    from vqflow.scoring import score_cached
+
+    params = split_params(base, work, shared, normal, args)
+    stages.prepare(params)
+    stages.features(params)
+    manifest, cache = stages._manifest_and_cache(params)
+    test = manifest[manifest.split == "test"]
+    results = {}
+    for name in models:
+        params["model"]["name"] = name
+        started = time.perf_counter()
+        stages.train(params)
+        seconds = time.perf_counter() - started
+        model, _ = load_model(params["outputs"]["model"])
+        scored = score_cached(model, cache, test.image_id.tolist(), torch.device("cpu"), progress=False)
+        results[name] = {"image_auroc": float(roc_auc_score(test.label, scored.scores)), "train_seconds": seconds}
+        print(f"  {name}: image AUROC {100 * results[name]['image_auroc']:.1f} ({seconds:.0f} s)", flush=True)
+    return {"train_images": int((manifest.split == "train").sum()), "test_images": len(test), "models": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--train-per-class", type=int, default=200)
+    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    args = parser.parse_args()
+    archive = args.shared / "data/cifar10_jpeg/cifar10_jpeg.zip"
+    if not archive.is_file():
+        raise SystemExit(f"{archive}: not found (pass --shared, the folder holding data/cifar10_jpeg)")
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    splits = {}
+    for split in args.splits:
+        print(f"== normal classes {split}", flush=True)
+        splits[split] = run_split(base, ROOT / "bench/.work/cifar" / split, args.shared, SPLITS[split], args.models, args)
+    lines = ["| model | " + " | ".join(f"{{{s}}}" for s in args.splits) + " | mean |", "|---|" + "---:|" * (len(args.splits) + 1)]
+    for name in args.models:
+        values = [100 * splits[s]["models"][name]["image_auroc"] for s in args.splits]
+        lines.append(f"| {name} (ours, this run) | " + " | ".join(f"{v:.1f}" for v in values) + f" | {sum(values) / len(values):.1f} |")
+    paper = [PAPER_VQFLOW[s] for s in args.splits]
+    lines.append("| VQ-Flow (paper, full data, ConvNeXt) | " + " | ".join(f"{v:.1f}" for v in paper)
+                 + f" | {sum(paper) / len(paper):.1f} |")
+    first = splits[args.splits[0]]
+    note = (f"\n\nImage AUROC. Per split: {first['train_images']} normal training images (incl. held-out validation), "
+            f"{first['test_images']} test images ({args.test_per_class} per class), {args.image_size} px, "
+            f"{args.epochs} epochs, packaged EfficientNet-Lite0. UniAD (paper) mean 87.2.")
+    payload = {"settings": vars(args) | {"shared": str(args.shared)}, "splits": splits, "paper_vqflow": PAPER_VQFLOW}
+    print(Path(write_results("cifar10", payload, "\n".join(lines) + note)).read_text())
+
+
+if __name__ == "__main__":
+    main()
