@@ -46,7 +46,7 @@ def measure(params: dict, repeats: int, models: list[str], scores_out: Path | No
 
     manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
     test = manifest[manifest.split == "test"]
-    spec = BackboneSpec(**{k: params["features"][k] for k in ("backbone", "weights", "image_size")})
+    spec = BackboneSpec.from_params(params["features"])
     paths = test.path.tolist()[:16]
     decode_s = _median_seconds(lambda: load_batch(paths, spec.image_size), repeats)
     images = load_batch(paths, spec.image_size)

@@ -32,7 +32,7 @@ def bench_features(params: dict, repeats: int) -> dict:
 
     manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
     paths = manifest.path.tolist()[:64]
-    spec = BackboneSpec(**{k: params["features"][k] for k in ("backbone", "weights", "image_size")})
+    spec = BackboneSpec.from_params(params["features"])
     backbone = spec.build()
 
     def extract():

@@ -50,10 +50,10 @@ def test_pyramid_shapes_per_stage(name, channels):
 
 
 def test_packaged_weights_really_load():
-    pretrained = FeaturePyramid("tf_efficientnet_lite0", "packaged")
+    pretrained = FeaturePyramid("tf_efficientnet_lite0", "packaged", fuse=False)
     state = packaged_state_dict("tf_efficientnet_lite0")
     assert torch.equal(pretrained.body.conv_stem.weight, state["conv_stem.weight"])
-    random = FeaturePyramid("tf_efficientnet_lite0", pretrained=False)
+    random = FeaturePyramid("tf_efficientnet_lite0", pretrained=False, fuse=False)
     assert not torch.equal(random.body.conv_stem.weight, state["conv_stem.weight"])
 
 
@@ -113,3 +113,17 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
+def test_fused_channels_last_extractor_equals_the_loaded_one(name):
+    """Batch norms folded into the convolutions + channels-last: the same features to ~1e-6 relative."""
+    from torch import nn
+
+    exact, fused = FeaturePyramid(name, "packaged", fuse=False), FeaturePyramid(name, "packaged")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in exact.modules()) > 40
+    x = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(exact(x), fused(x)):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (a - b).abs().max()
