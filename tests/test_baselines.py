@@ -86,6 +86,20 @@ def test_cflow_normaliser_is_fitted_on_training_data_and_scores_are_per_image():
     assert torch.equal(together.scores, together.maps.flatten(1).amax(1))
 
 
+def test_vqflow_train_normalisation_is_fitted_on_training_data_and_scores_are_per_image():
+    model = tiny_model("vqflow", normalization="train")
+    train = tiny_features(8)
+    train_model(model, train, CFG, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        zs, _, proto_q, _ = model.encode(train)
+        log_p = model.log_p_maps(zs, proto_q)
+        total = sum(torch.nn.functional.interpolate(m[:, None], size=(32, 32), mode="bilinear")[:, 0] for m in log_p)
+    torch.testing.assert_close(model.log_p_max, torch.stack([m.amax() for m in log_p] + [total.amax()]))
+    test = tiny_features(4, seed=9)
+    torch.testing.assert_close(model.predict(test).scores[1:2], model.predict([f[1:2] for f in test]).scores)
+    assert "log_p_max" not in tiny_model("vqflow").state_dict(), "per-image models keep their old weight files"
+
+
 # ------------------------------------------------------------------------------------------------ ViTAD
 
 

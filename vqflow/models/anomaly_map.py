@@ -1,6 +1,7 @@
 """From per-scale log-likelihood maps to anomaly maps and image scores (higher = more anomalous).
 
-Only per-image statistics are used: nothing here ever sees another test image.
+Only per-image statistics or constants fitted on training data are used: nothing here ever sees another
+test image.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ def _image_max(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).max(1).values[:, None, None]
 
 
-def mul_map(log_p: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """MSFlow's "mul" aggregation: 1 - exp(sum_l log p_l - per-image max)."""
+def mul_map(log_p: Sequence[torch.Tensor], size: int, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """MSFlow's "mul" aggregation: 1 - exp(sum_l log p_l - c), c = the per-image max, or a fixed ``reference``
+    (e.g. the maximum over the training images)."""
     total = sum(upsample(m, size) for m in log_p)
-    return 1.0 - torch.exp(total - _image_max(total))
+    return 1.0 - torch.exp(total - (_image_max(total) if reference is None else reference))
 
 
-def add_map(log_p: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """MSFlow's "add" aggregation: L - sum_l exp(log p_l - per-image max of scale l)."""
-    probs = sum(upsample(torch.exp(m - _image_max(m)), size) for m in log_p)
+def add_map(log_p: Sequence[torch.Tensor], size: int, references: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """MSFlow's "add" aggregation: L - sum_l exp(log p_l - c_l), c_l = per-image max of scale l or ``references[l]``."""
+    refs = references if references is not None else [_image_max(m) for m in log_p]
+    probs = sum(upsample(torch.exp(m - c), size) for m, c in zip(log_p, refs))
     return len(log_p) - probs
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_model
-from .anomaly_map import add_map, mul_map, top_k_score
+from .anomaly_map import add_map, mul_map, top_k_score, upsample
 from .base import AnomalyModel, Prediction, StepOutput
 from .cadm import ConceptGaussian, gaussian_log_density, mixture_log_density, summed_log_density
 from .flows import FusionCoupling, parallel_flow
@@ -48,6 +48,7 @@ class VQFlowConfig:
     lambda_cpc: float = 1.0
     lambda_cspc: float = 1.0
     top_k: float = 0.03
+    normalization: str = "image"  # image: maps relative to each image's max | train: to the training images' max
 
     def __post_init__(self):
         if len(self.in_channels) != 4:
@@ -60,6 +61,8 @@ class VQFlowConfig:
             raise ValueError(f"model.cspc_mode must be residual or naive, got {self.cspc_mode!r}")
         if self.cadm_mixture not in ("hard", "soft"):
             raise ValueError(f"model.cadm_mixture must be hard or soft, got {self.cadm_mixture!r}")
+        if self.normalization not in ("image", "train"):
+            raise ValueError(f"model.normalization must be image or train, got {self.normalization!r}")
         if self.cspc and self.cspc_mode == "residual" and not (self.cpc or self.pe):
             raise ValueError("model.cspc (residual) quantises w.r.t. [PE ; prototype]: turn on cpc or pe, or use naive")
 
@@ -100,6 +103,8 @@ class VQFlow(AnomalyModel):
                 self.mixture_logits = nn.Parameter(torch.zeros(cfg.num_prototypes))
         for size in cfg.scale_sizes:
             self.register_buffer(f"pe_{size}", positional_encoding_2d(cfg.pe_channels, size, size), persistent=False)
+        if cfg.normalization == "train":  # max log p of each scale and of their sum over the training images
+            self.register_buffer("log_p_max", torch.zeros(4))
         self.codebook_sizes = {}
         if cfg.cpc:
             self.codebook_sizes["cpc"] = cfg.num_prototypes
@@ -233,16 +238,29 @@ class VQFlow(AnomalyModel):
             maps.append(-0.5 * (z * z).mean(1))
         return maps
 
+    def fit_statistics(self, batches) -> None:
+        if self.config.normalization != "train":
+            return
+        peak = torch.full_like(self.log_p_max, -torch.inf)
+        for features in batches:
+            zs, _, proto_q, _ = self.encode(features)
+            log_p = self.log_p_maps(zs, proto_q)
+            total = sum(upsample(m, self.config.image_size) for m in log_p)
+            peak = torch.maximum(peak, torch.stack([m.amax() for m in log_p] + [total.amax()]))
+        self.log_p_max.copy_(peak)
+
     @torch.no_grad()
     def predict(self, features: list[torch.Tensor]) -> Prediction:
         zs, logdet, proto_q, _ = self.encode(features)
         log_p = self.log_p_maps(zs, proto_q)
         size = self.config.image_size
-        detection = mul_map(log_p, size)
+        fitted = self.log_p_max if self.config.normalization == "train" else None
+        detection = mul_map(log_p, size, None if fitted is None else fitted[3])
         extras = {"log_likelihood": self.log_likelihood(zs, logdet, proto_q)}
         if proto_q is not None:
             extras["concept"] = proto_q.indices
-        return Prediction(top_k_score(detection, self.config.top_k), add_map(log_p, size), extras)
+        anomaly_map = add_map(log_p, size, None if fitted is None else fitted[:3])
+        return Prediction(top_k_score(detection, self.config.top_k), anomaly_map, extras)
 
 
 @register_model("vqflow", VQFlowConfig)
