@@ -21,11 +21,10 @@ def _image_max(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).max(1).values[:, None, None]
 
 
-def mul_map(log_p: Sequence[torch.Tensor], size: int, reference: torch.Tensor | None = None) -> torch.Tensor:
-    """MSFlow's "mul" aggregation: 1 - exp(sum_l log p_l - c), c = the per-image max, or a fixed ``reference``
-    (e.g. the maximum over the training images)."""
+def mul_map(log_p: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """MSFlow's "mul" aggregation: 1 - exp(sum_l log p_l - per-image max)."""
     total = sum(upsample(m, size) for m in log_p)
-    return 1.0 - torch.exp(total - (_image_max(total) if reference is None else reference))
+    return 1.0 - torch.exp(total - _image_max(total))
 
 
 def add_map(log_p: Sequence[torch.Tensor], size: int, references: Sequence[torch.Tensor] | None = None) -> torch.Tensor:

@@ -254,12 +254,16 @@ class VQFlow(AnomalyModel):
         zs, logdet, proto_q, _ = self.encode(features)
         log_p = self.log_p_maps(zs, proto_q)
         size = self.config.image_size
-        fitted = self.log_p_max if self.config.normalization == "train" else None
-        detection = mul_map(log_p, size, None if fitted is None else fitted[3])
         extras = {"log_likelihood": self.log_likelihood(zs, logdet, proto_q)}
         if proto_q is not None:
             extras["concept"] = proto_q.indices
-        anomaly_map = add_map(log_p, size, None if fitted is None else fitted[:3])
+        if self.config.normalization == "train":
+            # the mul map 1 - exp(total - max_train) is a monotone function of max_train - total; its top-k mean
+            # is taken in the log domain, where it cannot saturate at 1.0 for strongly anomalous images
+            detection = self.log_p_max[3] - sum(upsample(m, size) for m in log_p)
+            anomaly_map = add_map(log_p, size, self.log_p_max[:3])
+        else:
+            detection, anomaly_map = mul_map(log_p, size), add_map(log_p, size)
         return Prediction(top_k_score(detection, self.config.top_k), anomaly_map, extras)
 
 
