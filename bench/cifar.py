@@ -94,7 +94,7 @@ def main() -> None:
     lines.append("| VQ-Flow (paper, full data, ConvNeXt) | " + " | ".join(f"{v:.1f}" for v in paper)
                  + f" | {sum(paper) / len(paper):.1f} |")
     first = splits[args.splits[0]]
-    note = (f"\n\nImage AUROC. Per split: {first['train_images']} normal training images (incl. held-out validation), "
+    note = (f"\n\nImage AUROC. Per split: {first['train_images']} normal training images (+ held-out validation), "
             f"{first['test_images']} test images ({args.test_per_class} per class), {args.image_size} px, "
             f"{args.epochs} epochs, packaged EfficientNet-Lite0. UniAD (paper) mean 87.2.")
     payload = {"settings": vars(args) | {"shared": str(args.shared)}, "splits": splits, "paper_vqflow": PAPER_VQFLOW}
