@@ -100,7 +100,8 @@ def run_baseline(rev: str, args) -> tuple[dict, Path]:
         out, scores = tmp / "result.json", tmp / "scores.npy"
         env = {**os.environ, "PYTHONPATH": str(tmp / "tree")}
         subprocess.run([sys.executable, __file__, "--worker", str(out), "--scores-out", str(scores), "--repeats",
-                        str(args.repeats), "--models", *args.models], cwd=ROOT, env=env, check=True)
+                        str(args.repeats), "--params", str(tmp / "tree/params.yaml"), "--models", *args.models],
+                       cwd=ROOT, env=env, check=True)
         return json.loads(out.read_text()), scores
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT, capture_output=True)
@@ -113,10 +114,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["vqflow", "msflow", "cflow", "vitad"])
     parser.add_argument("--baseline-rev", help="also measure the library of this commit and compare the scores")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="model knobs (a baseline uses its own)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scores-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load(args.params.read_text())
 
     if args.worker:  # inside the baseline's environment: measure and write JSON only
         args.worker.write_text(json.dumps(measure(params, args.repeats, args.models, args.scores_out)))
@@ -130,7 +132,7 @@ def main() -> None:
     current_scores = Path(tempfile.mkdtemp()) / "scores.npy"
     current = measure(params, args.repeats, args.models, current_scores)
     payload = {"current": current}
-    lines = ["| model | batch | images/s | ms/image | backbone ms | model ms |" + (" before images/s |" if args.baseline_rev else ""),
+    lines = ["| model | batch | images/s | ms/image | backbone ms (total - model) | model ms |" + (" before images/s |" if args.baseline_rev else ""),
              "|---|---:|---:|---:|---:|---:|" + ("---:|" if args.baseline_rev else "")]
     baseline = None
     if args.baseline_rev:

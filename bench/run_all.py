@@ -17,6 +17,9 @@ RESULTS = ROOT / "bench/results"
 SHARED = ROOT.parent / "shared"
 PEER_PYTHON = ROOT / ".venv-peer/bin/python"
 
+# "before" of the inference speed-up: the last commit with the unfused, channels-first backbone
+SPEEDUP_BASELINE = "c29bc25"
+
 # name -> (command, results file stem, title); run in this order
 STEPS = {
     "experiments-default": ([sys.executable, "bench/experiments.py", "run", "--suite", "default"], "experiments_default",
@@ -24,7 +27,7 @@ STEPS = {
     "experiments-real": ([sys.executable, "bench/experiments.py", "run", "--suite", "real", "--shared", "../shared"],
                          "experiments_real", "Every model on MVTec AD bottle + Magnetic Tile, one unified model"),
     "pipeline": ([sys.executable, "bench/pipeline.py"], "pipeline", "Feature extraction, training and metrics"),
-    "inference": ([sys.executable, "bench/inference.py"], "inference", "Inference speed (256 px, EfficientNet-Lite0)"),
+    "inference": ([sys.executable, "bench/inference.py", "--baseline-rev", SPEEDUP_BASELINE], "inference", "Inference speed (256 px, EfficientNet-Lite0)"),
     "aupro": ([sys.executable, "bench/aupro.py"], "aupro", "AUPRO: ours vs. the slow exact reference"),
     "service": ([sys.executable, "bench/service_load.py"], "service_load", "`bentoml serve` under load"),
     "cifar": ([sys.executable, "bench/cifar.py", "--shared", str(SHARED)], "cifar10", "CIFAR-10 semantic anomaly detection"),
@@ -33,13 +36,14 @@ STEPS = {
 
 
 def summary() -> Path:
-    sections = [(title, (RESULTS / f"{stem}.md").read_text().strip()) for _, stem, title in STEPS.values()
+    sections = [(stem, title, (RESULTS / f"{stem}.md").read_text().strip()) for _, stem, title in STEPS.values()
                 if (RESULTS / f"{stem}.md").is_file()]
     intro = "Each table carries the date, commit and machine it was measured on (`python bench/run_all.py --summary`)."
     (RESULTS / "SUMMARY.md").write_text("# Benchmark summary\n\n" + intro + "\n\n"
-                                        + "\n\n".join(f"## {title}\n\n{text}" for title, text in sections) + "\n")
+                                        + "\n\n".join(f"## {title}\n\n{text}" for _, title, text in sections) + "\n")
     readme = ROOT / "README.md"
-    block = "\n\n".join(f"#### {title}\n\n{text}" for title, text in sections)
+    # the README shows the experiment tables in their own sections (their own markers)
+    block = "\n\n".join(f"#### {title}\n\n{text}" for stem, title, text in sections if not stem.startswith("experiments_"))
     pattern = re.compile(r"(<!-- bench:summary -->\n).*?(<!-- /bench:summary -->)", re.S)
     text = readme.read_text()
     if pattern.search(text):
