@@ -21,7 +21,7 @@ from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 
 from . import register_model
-from .anomaly_map import upsample
+from .anomaly_map import add_map
 from .base import AnomalyModel, Prediction, StepOutput
 from .layers import LinearSubnet, positional_encoding_2d
 
@@ -113,9 +113,7 @@ class CFlow(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, features: list[torch.Tensor]) -> Prediction:
-        size = self.config.image_size
-        probs = sum(upsample(torch.exp(m - c), size) for m, c in zip(self.log_p_maps(features), self.log_p_max))
-        anomaly_map = len(self.config.stages) - probs
+        anomaly_map = add_map(self.log_p_maps(features), self.config.image_size, self.log_p_max)
         return Prediction(anomaly_map.flatten(1).amax(1), anomaly_map)
 
 
