@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,22 @@ def split_params(base: dict, work: Path, shared: Path, normal: list[int], args) 
     return params
 
 
+def knn_reference(cache, train_ids: list[str], test_ids: list[str], k: int = 5) -> np.ndarray:
+    """What the frozen features alone separate: mean distance to the k nearest training images of the
+    standardised, globally average-pooled stage 2-4 features (no flow, no training)."""
+    import torch
+    from sklearn.neighbors import NearestNeighbors
+
+    def pooled(ids: list[str]) -> np.ndarray:
+        return torch.cat([torch.cat([f.float().mean((2, 3)) for f in cache.get(ids[start: start + 64])[1:]], 1)
+                          for start in range(0, len(ids), 64)]).numpy()
+
+    train, test = pooled(train_ids), pooled(test_ids)
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    distances, _ = NearestNeighbors(n_neighbors=k).fit((train - mean) / std).kneighbors((test - mean) / std)
+    return distances.mean(1)
+
+
 def run_split(base: dict, work: Path, shared: Path, normal: list[int], models: list[str], args) -> dict:
     import torch
     from sklearn.metrics import roc_auc_score
@@ -55,7 +72,9 @@ def run_split(base: dict, work: Path, shared: Path, normal: list[int], models: l
     stages.features(params)
     manifest, cache = stages._manifest_and_cache(params)
     test = manifest[manifest.split == "test"]
-    results = {}
+    knn = knn_reference(cache, manifest[manifest.split == "train"].image_id.tolist(), test.image_id.tolist())
+    results = {"knn": {"image_auroc": float(roc_auc_score(test.label, knn)), "train_seconds": 0.0}}
+    print(f"  kNN reference: image AUROC {100 * results['knn']['image_auroc']:.1f}", flush=True)
     for name in models:
         params["model"]["name"] = name
         started = time.perf_counter()
@@ -90,6 +109,9 @@ def main() -> None:
     for name in args.models:
         values = [100 * splits[s]["models"][name]["image_auroc"] for s in args.splits]
         lines.append(f"| {name} (ours, this run) | " + " | ".join(f"{v:.1f}" for v in values) + f" | {sum(values) / len(values):.1f} |")
+    values = [100 * splits[s]["models"]["knn"]["image_auroc"] for s in args.splits]
+    lines.append("| kNN on pooled features (reference, this run) | " + " | ".join(f"{v:.1f}" for v in values)
+                 + f" | {sum(values) / len(values):.1f} |")
     paper = [PAPER_VQFLOW[s] for s in args.splits]
     lines.append("| VQ-Flow (paper, full data, ConvNeXt) | " + " | ".join(f"{v:.1f}" for v in paper)
                  + f" | {sum(paper) / len(paper):.1f} |")
