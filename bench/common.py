@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import platform
 import statistics
 import subprocess
@@ -42,3 +43,15 @@ def write_results(name: str, payload: dict, table: str) -> Path:
     header = f"_{m['date']}, commit {m['commit']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads)_\n\n"
     (RESULTS / f"{name}.md").write_text(header + table + "\n")
     return RESULTS / f"{name}.md"
+
+
+def replace_readme_block(readme: Path, marker: str, text: str) -> bool:
+    """Put ``text`` between ``<!-- marker -->`` and ``<!-- /marker -->`` in the README; False if no markers."""
+    if not readme.is_file():
+        return False
+    pattern = re.compile(rf"(<!-- {re.escape(marker)} -->\n).*?(<!-- /{re.escape(marker)} -->)", re.S)
+    content = readme.read_text()
+    if not pattern.search(content):
+        return False
+    readme.write_text(pattern.sub(lambda g: g.group(1) + text + g.group(2), content))
+    return True

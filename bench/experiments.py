@@ -13,31 +13,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, write_results  # noqa: E402
+from bench.common import machine, replace_readme_block, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ["vqflow", "msflow", "cflow", "vitad"]
+MODELS = ["vqflow", "msflow", "cflow", "vitad", "padim"]
 METRICS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1max", "I-F1max"), ("pixel_auroc", "P-AUROC"),
            ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "AUPRO"), ("mad", "mAD")]
 
 
-def suite_overrides(suite: str, shared: str) -> list[str]:
-    """The `-S` params of a suite. ``real``: MVTec bottle + Magnetic Tile in one unified model, 8 epochs."""
+def suite_settings(suite: str, shared: str) -> dict[str, object]:
+    """The params a suite changes (dotted key -> value). ``real``: MVTec bottle + Magnetic Tile in one model."""
     if suite == "default":
-        return []
+        return {}
     if suite == "real":
-        sources = (f"[{{kind:mvtec,root:{shared}/data/mvtec_ad,categories:[bottle]}},"
-                   f"{{kind:magnetic_tile,root:{shared}/data/magnetic_tile}}]")
+        sources = [{"kind": "mvtec", "root": f"{shared}/data/mvtec_ad", "categories": ["bottle"]},
+                   {"kind": "magnetic_tile", "root": f"{shared}/data/magnetic_tile"}]
         # Magnetic Tile ships 4 empty and 6 anti-aliased masks: report them, do not stop on them
-        return [f"prepare.sources={sources}", "validate.warn_only=[mask_not_empty,mask_binary]",
-                "train.epochs=8", "train.lr_decay_epochs=[6]"]
+        return {"prepare.sources": sources, "validate.warn_only": ["mask_not_empty", "mask_binary"],
+                "train.epochs": 8, "train.lr_decay_epochs": [6]}
     raise SystemExit(f"unknown suite {suite!r}: default | real")
+
+
+def suite_overrides(suite: str, shared: str) -> list[str]:
+    """The suite's settings as `dvc exp run -S` arguments."""
+    return [f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in suite_settings(suite, shared).items()]
+
+
+def suite_params(params: dict, suite: str, shared: str) -> dict:
+    """A copy of ``params`` with the suite's settings applied."""
+    params = json.loads(json.dumps(params))
+    for key, value in suite_settings(suite, shared).items():
+        *parents, leaf = key.split(".")
+        node = params
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return params
 
 
 def dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
@@ -91,12 +107,14 @@ def table(suite: str, readme: Path) -> str:
         train_params = {**exp["params"]["train"], **exp["params"]["train"].get("per_model", {}).get(model, {})}
         train_params.pop("per_model", None)
         record = {"experiment": f"{suite}-{model}", "rev": exp["rev"], "model": model, **m["mean"],
-                  "fps": m.get("fps"), "train_seconds": m.get("train_seconds"), "epochs": train_params["epochs"],
+                  "fps": m.get("fps"), "train_seconds": m.get("train_seconds"),
+                  "epochs": m.get("epochs", train_params["epochs"]),
                   "per_category": {c: v["image_auroc"] for c, v in m["per_category"].items()}}
         records.append(record)
         time = f"{record['train_seconds']:.0f}" if record["train_seconds"] is not None else "n/a"
+        budget = f"{record['epochs']} ep" if record["epochs"] else "fit only"
         rows.append(f"| {model} | " + " | ".join(f"{100 * m['mean'][k]:.1f}" for k, _ in METRICS)
-                    + f" | {record['fps']:.1f} | {time} ({record['epochs']} ep) |")
+                    + f" | {record['fps']:.1f} | {time} ({budget}) |")
     if not rows:
         raise SystemExit(f"no finished experiments named {suite}-<model>: run `python bench/experiments.py run --suite {suite}`")
     header = ("| model | " + " | ".join(label for _, label in METRICS) + " | FPS | train s |\n"
@@ -107,14 +125,10 @@ def table(suite: str, readme: Path) -> str:
              + "\n" + "\n".join(f"| {r['model']} | " + " | ".join(f"{100 * r['per_category'].get(c, float('nan')):.1f}"
                                                                   for c in categories) + " |" for r in records))
     md = write_results(f"experiments_{suite}", {"suite": suite, "experiments": records}, body)
-    if readme.is_file():
-        m = machine()
-        block = (f"_`python bench/experiments.py table --suite {suite}`, {m['date']}, commit {m['commit']}, "
-                 f"{m['cpus']} cores, torch {m['torch']}; FPS = decode + backbone + model + maps, batch 16_\n\n{body}\n")
-        text = readme.read_text()
-        pattern = re.compile(rf"(<!-- experiments:{suite} -->\n).*?(<!-- /experiments:{suite} -->)", re.S)
-        if pattern.search(text):
-            readme.write_text(pattern.sub(lambda g: g.group(1) + block + g.group(2), text))
+    m = machine()
+    replace_readme_block(readme, f"experiments:{suite}", (
+        f"_`python bench/experiments.py table --suite {suite}`, {m['date']}, commit {m['commit']}, "
+        f"{m['cpus']} cores, torch {m['torch']}; FPS = decode + backbone + model + maps, batch 16_\n\n{body}\n"))
     return md.read_text()
 
 

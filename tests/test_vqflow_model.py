@@ -69,11 +69,11 @@ def test_flow_logdet_equals_autograd_jacobian():
     torch.testing.assert_close(flow(x, c=[c])[1][0], expected, atol=1e-8, rtol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["vqflow", "msflow"])
-def test_whole_model_invertible_and_logdet_matches_autograd(name):
-    model = _model(name).double()
+@pytest.mark.parametrize("name, overrides", [("vqflow", {}), ("msflow", {}), ("vqflow", {"cadm_placement": "parallel"})])
+def test_whole_model_invertible_and_logdet_matches_autograd(name, overrides):
+    model = _model(name, **overrides).double()
     feats = [f.double()[:1] for f in tiny_features(1)]
-    pooled = [model.pool(f) for f in feats[:3]]
+    pooled = model.flow_inputs(feats)
     proto = model._prototype(feats[3]).output if model.config.cpc else None
     conds, _ = model._conditions(pooled, proto)
     zs, logdet = model.transform(pooled, conds, proto)
@@ -158,9 +158,11 @@ def test_invalid_switch_combination_is_named():
         make_config("vqflow", {**TINY, "cpc": False})
 
 
-def test_msflow_is_vqflow_with_everything_off():
-    cfg = make_config("msflow", {**TINY, "cpc": True})
-    assert not (cfg.cpc or cfg.cspc or cfg.cadm or cfg.pe)
+def test_msflow_is_vqflow_with_every_vq_part_off_and_the_published_pe_condition():
+    cfg = make_config("msflow", {**TINY, "cpc": True, "pe": False})
+    assert not (cfg.cpc or cfg.cspc or cfg.cadm) and cfg.pe
+    model = create_model("msflow", cfg)
+    assert model.cond_dim == TINY["pe_channels"], "every parallel flow is conditioned on the positional encoding"
 
 
 def test_reloaded_model_gives_identical_scores(tmp_path):

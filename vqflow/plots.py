@@ -22,7 +22,7 @@ from .metrics import METRICS  # noqa: E402
 
 def _save(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -119,3 +119,21 @@ def gallery(test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.
         fig.suptitle(f"{category}: worst normal images (top) and defective images (bottom)", fontsize=10)
         paths.append(_save(fig, out_dir / f"gallery_{category}.png"))
     return paths
+
+
+def loss_curves(histories: dict[str, list[dict]], path: Path, term: str = "flow") -> Path:
+    """Per-epoch training loss of several runs (train_log.json rows), one line each: has training converged?
+
+    ``term`` is the logged loss term to draw (falls back to ``loss`` for runs that do not log it); runs without
+    epochs (fitted in one pass) are skipped. PNG or SVG by the file suffix.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in histories.items():
+        rows = [r for r in rows if r.get("epoch", 0) > 0 and (term in r or "loss" in r)]
+        if rows:
+            ax.plot([r["epoch"] for r in rows], [r.get(term, r.get("loss")) for r in rows], marker=".", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"training {term} loss (per epoch mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -88,12 +88,13 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
         stop_after_epoch=stop_after_epoch,
     )
     write_history(out["train_log"], history)  # also when a finished checkpoint was restored
-    if len(history) < cfg.epochs:
+    if model.trainable and len(history) < cfg.epochs:
         raise RuntimeError(f"training stopped after epoch {len(history)} of {cfg.epochs}; run again to resume")
     thresholds = calibrate_thresholds(params, model, manifest, cache, device)
     save_model(model, name, config, out["model"], files={"thresholds.json": thresholds}, extra={
         "backbone": cache.index["backbone"], "feature_cache_key": cache.index["key"],
         "train": cfg.__dict__, "train_images": len(train_ids), "train_seconds": time.perf_counter() - started,
+        "epochs": cfg.epochs if model.trainable else 0,
         "train_seconds_total": sum(row["seconds"] for row in history),
     })
     return Path(out["model"])
@@ -150,6 +151,7 @@ def evaluate(params: dict) -> dict:
     metrics["at_threshold"] = decisions
     metrics["fps"] = inference_fps(params, model, test, device)
     metrics["train_seconds"] = meta.get("train_seconds_total")
+    metrics["epochs"] = meta.get("epochs")
     metrics["model"] = meta["model"]
     write_json(out["metrics"], metrics)
     frame = test[["image_id", "category", "label", "defect_type"]].copy()

@@ -154,16 +154,18 @@ def train_model(
     model.to(device)
     init_ids = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.init_images]
     model.initialize([f[init_ids].to(device) for f in features])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = cfg.make_optimizer(params)
-    start, history = 0, []
-    if checkpoint is not None:
-        restored = checkpoint.load(model, optimizer)
-        if restored is not None:
-            start, history = restored
     batch = min(cfg.batch_size, count)
+    epochs = cfg.epochs if model.trainable else 0  # a statistics-only model is fitted below, in one pass
+    start, history = 0, []
+    if epochs:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = cfg.make_optimizer(params)
+        if checkpoint is not None:
+            restored = checkpoint.load(model, optimizer)
+            if restored is not None:
+                start, history = restored
     steps = count // batch  # drop the ragged last batch: batch norm needs more than one sample
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, epochs):
         model.train()
         order = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         sums: dict[str, float] = {}
@@ -200,14 +202,19 @@ def train_model(
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if log is not None:
             log(history)
-        last = epoch + 1 == cfg.epochs
+        last = epoch + 1 == epochs
         if checkpoint is not None and (last or (epoch + 1) % cfg.checkpoint_every == 0):
             checkpoint.save(model, optimizer, epoch, history)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
             return history
     model.eval()
+    started = time.perf_counter()
     with torch.no_grad():
         model.fit_statistics([f[start: start + batch].to(device) for f in features] for start in range(0, count, batch))
+    if not epochs:
+        history = [{"epoch": 0, "seconds": time.perf_counter() - started}]
+        if log is not None:
+            log(history)
     return history
 
 

@@ -37,7 +37,7 @@ def register_model(name: str, config_class: type, overrides: dict[str, Any] | No
 
 
 def _load_builtin_models() -> None:
-    from . import cflow, vitad, vqflow  # noqa: F401  (each registers its models)
+    from . import cflow, padim, vitad, vqflow  # noqa: F401  (each registers its models)
 
 
 def available_models() -> list[str]:

@@ -32,6 +32,11 @@ class AnomalyModel(nn.Module):
 
     codebook_sizes: dict[str, int] = {}
 
+    @property
+    def trainable(self) -> bool:
+        """False for models fitted only by ``fit_statistics`` (no gradient training, e.g. PaDiM)."""
+        return any(p.requires_grad for p in self.parameters())
+
     def initialize(self, features: list[torch.Tensor]) -> None:
         """Data-dependent initialisation before training (e.g. codebooks); default: nothing."""
 

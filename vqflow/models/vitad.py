@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from . import register_model
-from .anomaly_map import upsample
+from .anomaly_map import gaussian_smooth, upsample
 from .base import AnomalyModel, Prediction, StepOutput
 
 
@@ -60,19 +60,6 @@ def to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     if x.shape[-1] > grid:
         return F.adaptive_avg_pool2d(x, grid)
     return F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian filter of maps (B, H, W), mirrored borders, truncated at 4 sigma: what
-    ``scipy.ndimage.gaussian_filter(mode="mirror")`` computes, as two 1-D convolutions (66 instead of
-    1089 multiply-adds per pixel at sigma 4)."""
-    radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps)
-    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return F.conv2d(x, kernel.view(1, 1, 1, -1))[:, 0]
 
 
 def cosine_distance_maps(targets: list[torch.Tensor], predictions: list[torch.Tensor]) -> list[torch.Tensor]:

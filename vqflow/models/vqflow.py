@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_model
-from .anomaly_map import add_map, mul_map, top_k_score, upsample
+from .anomaly_map import add_map, log_map, top_k_score, upsample
 from .base import AnomalyModel, Prediction, StepOutput
 from .cadm import ConceptGaussian, gaussian_log_density, mixture_log_density, summed_log_density
 from .flows import FusionCoupling, parallel_flow
@@ -36,12 +36,15 @@ class VQFlowConfig:
     num_prototypes: int = 16  # K_cp (paper 32)
     num_patterns: int = 128  # K_csp (paper 512)
     flow_blocks: list[int] = field(default_factory=lambda: [2, 5, 8])
+    flow_stages: list[int] = field(default_factory=lambda: [0, 1, 2])  # pyramid stages feeding the 3 flows
+    pool: bool = True  # AvgPool(3, 2, 1) on the flow inputs (MSFlow), halving every scale
     clamp: float = 1.9
     cpc: bool = True
     cspc: bool = True
     cspc_mode: str = "residual"  # residual (CSPC) | naive (CAPC ablation)
     cadm: bool = True
     cadm_mixture: str = "hard"  # hard (paper) | soft (logsumexp over prototypes with learned weights)
+    cadm_placement: str = "fusion"  # fusion: base density of the fused outputs | parallel: between the flows and fusion
     pe: bool = True
     vq_decay: float = 0.99
     dead_fraction: float = 0.03
@@ -53,6 +56,9 @@ class VQFlowConfig:
     def __post_init__(self):
         if len(self.in_channels) != 4:
             raise ValueError(f"vqflow needs the 4-stage pyramid, got channels {self.in_channels}")
+        if len(self.flow_stages) != 3 or sorted(set(self.flow_stages)) != self.flow_stages or not all(
+                0 <= s <= 3 for s in self.flow_stages):
+            raise ValueError(f"model.flow_stages needs 3 increasing pyramid stages (0-3), got {self.flow_stages}")
         if len(self.flow_blocks) != 3:
             raise ValueError(f"model.flow_blocks needs 3 entries (one per scale), got {self.flow_blocks}")
         if self.cadm and not self.cpc:
@@ -61,6 +67,10 @@ class VQFlowConfig:
             raise ValueError(f"model.cspc_mode must be residual or naive, got {self.cspc_mode!r}")
         if self.cadm_mixture not in ("hard", "soft"):
             raise ValueError(f"model.cadm_mixture must be hard or soft, got {self.cadm_mixture!r}")
+        if self.cadm_placement not in ("fusion", "parallel"):
+            raise ValueError(f"model.cadm_placement must be fusion or parallel, got {self.cadm_placement!r}")
+        if self.cadm and self.cadm_mixture == "soft" and self.cadm_placement != "fusion":
+            raise ValueError("model.cadm_mixture: soft is a mixture base density: it needs cadm_placement: fusion")
         if self.normalization not in ("image", "train"):
             raise ValueError(f"model.normalization must be image or train, got {self.normalization!r}")
         if self.cspc and self.cspc_mode == "residual" and not (self.cpc or self.pe):
@@ -68,16 +78,20 @@ class VQFlowConfig:
 
     @property
     def scale_sizes(self) -> list[int]:
-        """Spatial size of the three flow scales: stages 1-3 after AvgPool(3, 2, 1)."""
-        return [self.image_size // s for s in (8, 16, 32)]
+        """Spatial size of the three flow scales (stage s has stride 2^(s+2), halved again by the pool)."""
+        return [self.image_size // 2 ** (s + 2 + int(self.pool)) for s in self.flow_stages]
+
+    @property
+    def flow_channels(self) -> list[int]:
+        return [self.in_channels[s] for s in self.flow_stages]
 
 
 class VQFlow(AnomalyModel):
     def __init__(self, config: VQFlowConfig):
         super().__init__()
         self.config = cfg = config
-        channels = cfg.in_channels[:3]
-        self.pool = nn.AvgPool2d(3, 2, 1)
+        channels = cfg.flow_channels
+        self.pool = nn.AvgPool2d(3, 2, 1) if cfg.pool else nn.Identity()
         pe_dim = cfg.pe_channels if cfg.pe else 0
         proto_dim = cfg.embed_dim if cfg.cpc else 0
         if cfg.cpc:
@@ -112,6 +126,10 @@ class VQFlow(AnomalyModel):
             self.codebook_sizes.update({f"cspc{l}": cfg.num_patterns for l in range(3)})
 
     # ------------------------------------------------------------------------------------------ encoding
+
+    def flow_inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The three flow scales: the configured pyramid stages, pooled when ``pool`` is on."""
+        return [self.pool(features[s]) for s in self.config.flow_stages]
 
     def _concept_vector(self, top: torch.Tensor) -> torch.Tensor:
         return self.cpc_proj(top.mean((2, 3)))
@@ -151,30 +169,49 @@ class VQFlow(AnomalyModel):
 
     def encode(self, features: list[torch.Tensor]):
         """Run quantisation and flows: latents per scale, log|det J| per image, prototype info, VQ results."""
-        pooled = [self.pool(f) for f in features[:3]]
+        pooled = self.flow_inputs(features)
         proto_q = self._prototype(features[3]) if self.config.cpc else None
         proto = proto_q.output if proto_q is not None else None
         conds, pattern_q = self._conditions(pooled, proto)
         zs, logdet = self.transform(pooled, conds, proto)
         return zs, logdet, proto_q, pattern_q
 
+    def _standardize(self, zs: list[torch.Tensor], proto: torch.Tensor, rev: bool):
+        """CADM between the parallel flows and fusion (the released code's placement): z -> (z - mu(c)) / sigma(c)
+        per scale, an affine map conditioned on the prototype, with its log|det J| (which that code drops)."""
+        outs, logdet = [], zs[0].new_zeros(zs[0].shape[0])
+        for z, (mean, log_scale) in zip(zs, self.base(proto)):
+            mean, log_scale = mean[:, :, None, None], log_scale[:, :, None, None]
+            outs.append(z * torch.exp(log_scale) + mean if rev else (z - mean) * torch.exp(-log_scale))
+            logdet = logdet + (1 if rev else -1) * log_scale.sum((1, 2, 3)) * z.shape[2] * z.shape[3]
+        return outs, logdet
+
     def transform(self, xs: list[torch.Tensor], conds: list, proto: torch.Tensor | None, rev: bool = False):
-        """The invertible part: parallel flows then fusion (or the inverse). Returns (outputs, log|det J|)."""
+        """The invertible part: parallel flows (+ CADM standardisation when placed there) then fusion (or the
+        inverse). Returns (outputs, log|det J|)."""
+        standardize = self.config.cadm and self.config.cadm_placement == "parallel"
         logdet = xs[0].new_zeros(xs[0].shape[0])
         if rev:
             xs, logdet = self.fusion(xs, proto, rev=True)
+            if standardize:
+                xs, j = self._standardize(xs, proto, rev=True)
+                logdet = logdet + j
         outs = []
         for flow, x, c in zip(self.flows, xs, conds):
             y, j = flow(x, c=[c] if c is not None else None, rev=rev)
             outs.append(y)
             logdet = logdet + j
         if not rev:
+            if standardize:
+                outs, j = self._standardize(outs, proto, rev=False)
+                logdet = logdet + j
             outs, fusion_logdet = self.fusion(outs, proto)
             logdet = logdet + fusion_logdet
         return outs, logdet
 
     def base_params(self, proto: torch.Tensor | None):
-        return self.base(proto) if self.config.cadm else None
+        """(mean, log_scale) per scale of the base density of the fused outputs; None = N(0, I)."""
+        return self.base(proto) if self.config.cadm and self.config.cadm_placement == "fusion" else None
 
     def log_likelihood(self, zs, logdet, proto_q) -> torch.Tensor:
         """log p(x) per image (in nats) under the configured base density."""
@@ -203,7 +240,7 @@ class VQFlow(AnomalyModel):
             self.cpc_vq.initialize(self._concept_vector(features[3]))
         if self.config.cspc:
             proto = self._prototype(features[3]).codes if self.config.cpc else None
-            for level, x in enumerate(self.pool(f) for f in features[:3]):
+            for level, x in enumerate(self.flow_inputs(features)):
                 source, _ = self._pattern_source(level, x, self._context(x, proto))
                 self.cspc_vq[level].initialize(source.permute(0, 2, 3, 1).reshape(-1, source.shape[1]))
         self.train(was_training)
@@ -257,13 +294,9 @@ class VQFlow(AnomalyModel):
         extras = {"log_likelihood": self.log_likelihood(zs, logdet, proto_q)}
         if proto_q is not None:
             extras["concept"] = proto_q.indices
-        if self.config.normalization == "train":
-            # the mul map 1 - exp(total - max_train) is a monotone function of max_train - total; its top-k mean
-            # is taken in the log domain, where it cannot saturate at 1.0 for strongly anomalous images
-            detection = self.log_p_max[3] - sum(upsample(m, size) for m in log_p)
-            anomaly_map = add_map(log_p, size, self.log_p_max[:3])
-        else:
-            detection, anomaly_map = mul_map(log_p, size), add_map(log_p, size)
+        reference = self.log_p_max if self.config.normalization == "train" else None
+        detection = log_map(log_p, size, reference[3] if reference is not None else None)
+        anomaly_map = add_map(log_p, size, reference[:3] if reference is not None else None)
         return Prediction(top_k_score(detection, self.config.top_k), anomaly_map, extras)
 
 
@@ -272,6 +305,7 @@ def build_vqflow(config: VQFlowConfig) -> VQFlow:
     return VQFlow(config)
 
 
-@register_model("msflow", VQFlowConfig, {"cpc": False, "cspc": False, "cadm": False, "pe": False}, section="vqflow")
+# the published MSFlow: parallel flows conditioned on a 2-D positional encoding, fusion flow, N(0, I) base
+@register_model("msflow", VQFlowConfig, {"cpc": False, "cspc": False, "cadm": False, "pe": True}, section="vqflow")
 def build_msflow(config: VQFlowConfig) -> VQFlow:
     return VQFlow(config)

@@ -1,0 +1,115 @@
+"""VQ-Flow's parts one at a time (paper Table 4: CPC / CSPC / CADM / PE, and the naive CAPC), beside the
+other models, on the default or the real suite, through the pipeline's own stages and evaluator.
+
+    python bench/ablation.py --suite default
+    python bench/ablation.py --suite real --shared ../shared
+    python bench/ablation.py --suite default --variants vqflow msflow        # a subset
+
+Runs prepare -> features once per suite, then train -> evaluate per variant in bench/.work/ablation/<suite>/
+(never committed; trained models are reused through the training checkpoints when nothing changed). Thresholds
+come from held-out normal images; no number is chosen on the test split. Writes bench/results/ablation_<suite>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
+from bench.experiments import METRICS, suite_params  # noqa: E402
+
+# name -> (model.name, overrides of model.vqflow): the published MSFlow, then VQ-Flow's parts added one by one
+# (paper Table 4), then each part's alternative
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "msflow (PE condition, N(0, I))": ("msflow", {}),
+    "+CPC": ("vqflow", {"cspc": False, "cadm": False}),
+    "+CPC+CADM": ("vqflow", {"cspc": False}),
+    "+CPC+CADM+CSPC = vqflow": ("vqflow", {}),
+    "vqflow without PE": ("vqflow", {"pe": False}),
+    "vqflow, naive CAPC": ("vqflow", {"cspc_mode": "naive"}),
+    "vqflow, CADM before fusion": ("vqflow", {"cadm_placement": "parallel"}),
+    "vqflow, soft CADM mixture": ("vqflow", {"cadm_mixture": "soft"}),
+    "padim": ("padim", {}),
+    "cflow": ("cflow", {}),
+    "vitad": ("vitad", {}),
+}
+DEFAULT_VARIANTS = list(VARIANTS)[:9]
+
+
+def variant_params(base: dict, work: Path, name: str) -> dict:
+    model_name, overrides = VARIANTS[name]
+    params = copy.deepcopy(base)
+    params["model"]["name"] = model_name
+    params["model"]["vqflow"] = {**params["model"]["vqflow"], **overrides}
+    out = work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", name.replace("+", "plus ")).strip("_")
+    params["outputs"] = {**params["outputs"], "model": str(out / "model"), "checkpoints": str(work / "checkpoints"),
+                         "train_log": str(out / "train_log.json"), "metrics": str(out / "metrics.json"),
+                         "scores": str(out / "scores.csv"), "plots": str(out / "plots"), "report": str(out / "report.md")}
+    return params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="default", choices=["default", "real"])
+    parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    args = parser.parse_args()
+
+    from vqflow import stages
+
+    work = ROOT / "bench/.work/ablation" / args.suite
+    base = suite_params(yaml.safe_load((ROOT / "params.yaml").read_text()), args.suite, args.shared)
+    base["prepare"]["manifest"] = str(work / "manifest.csv")
+    base["features"]["cache"] = str(work / "features")
+    if args.suite == "default":
+        stages.generate(base)
+    stages.prepare(base)
+    stages.features(base)
+    results = {}
+    for name in args.variants:
+        params = variant_params(base, work, name)
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        stages.train(params)
+        metrics = stages.evaluate(params)
+        results[name] = {"model": params["model"]["name"], "overrides": VARIANTS[name][1], **metrics["mean"],
+                         "per_category": {c: v["image_auroc"] for c, v in metrics["per_category"].items()},
+                         "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
+                         "wall_seconds": time.perf_counter() - started}
+        print("   " + " ".join(f"{label} {100 * metrics['mean'][key]:.1f}" for key, label in METRICS), flush=True)
+    lines = ["| variant | " + " | ".join(label for _, label in METRICS) + " | train s |",
+             "|---|" + "---:|" * (len(METRICS) + 1)]
+    for name, r in results.items():
+        budget = f"{r['epochs']} ep" if r["epochs"] else "fit only"
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r[key]:.1f}" for key, _ in METRICS)
+                     + f" | {r['train_seconds']:.0f} ({budget}) |")
+    categories = sorted({c for r in results.values() for c in r["per_category"]})
+    lines += ["", "Image AUROC per category:", "", "| variant | " + " | ".join(categories) + " |",
+              "|---|" + "---:|" * len(categories)]
+    lines += [f"| {name} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in categories) + " |"
+              for name, r in results.items()]
+    note = (f"\n\n`python bench/ablation.py --suite {args.suite}`: the pipeline's stages and evaluator, one unified model "
+            "per row, thresholds on held-out normals; switches from params.yaml `model.vqflow` (rows name what is on).")
+    from vqflow.plots import loss_curves
+
+    histories = {name: json.loads(Path(variant_params(base, work, name)["outputs"]["train_log"]).read_text())
+                 for name in results}
+    curves = loss_curves(histories, RESULTS / f"ablation_{args.suite}_loss.svg")
+    note += f"\n\nTraining curves: [{curves.name}]({curves.name}) (flow NLL per latent dimension, per epoch)."
+    md = write_results(f"ablation_{args.suite}", {"suite": args.suite, "variants": results}, "\n".join(lines) + note)
+    replace_readme_block(ROOT / "README.md", f"ablation:{args.suite}",
+                         md.read_text().replace(f"]({curves.name})", f"](bench/results/{curves.name})"))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
