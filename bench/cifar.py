@@ -35,9 +35,6 @@ def split_params(base: dict, work: Path, shared: Path, normal: list[int], args) 
                              manifest=str(work / "manifest.csv"))
     params["features"].update(image_size=args.image_size, cache=str(work / "features"))
     params["train"].update(epochs=args.epochs, lr_decay_epochs=[max(1, round(0.8 * args.epochs))])
-    # a semantic anomaly lowers the likelihood of the whole image, which maps relative to each image's own
-    # maximum cannot see: VQ-Flow / MSFlow score against the training images' maximum here
-    params["model"]["vqflow"]["normalization"] = "train"
     params["outputs"] = {**params["outputs"], "model": str(work / "model"), "checkpoints": str(work / "checkpoints"),
                          "train_log": str(work / "train_log.json")}
     return params

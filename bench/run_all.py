@@ -17,17 +17,19 @@ RESULTS = ROOT / "bench/results"
 SHARED = ROOT.parent / "shared"
 PEER_PYTHON = ROOT / ".venv-peer/bin/python"
 
-# "before" of the inference speed-up: the last commit with the unfused, channels-first backbone
-SPEEDUP_BASELINE = "c29bc25"
-
 # name -> (command, results file stem, title); run in this order
 STEPS = {
     "experiments-default": ([sys.executable, "bench/experiments.py", "run", "--suite", "default"], "experiments_default",
                             "Every model on the embedded default dataset (DVC experiments)"),
     "experiments-real": ([sys.executable, "bench/experiments.py", "run", "--suite", "real", "--shared", "../shared"],
                          "experiments_real", "Every model on MVTec AD bottle + Magnetic Tile, one unified model"),
+    "ablation-default": ([sys.executable, "bench/ablation.py", "--suite", "default"], "ablation_default",
+                         "VQ-Flow's parts (paper Table 4) on the default dataset"),
+    "score-rules-default": ([sys.executable, "bench/score_rules.py", "--suite", "default"], "score_rules_default",
+                            "Image score rules on one trained VQ-Flow (default dataset)"),
     "pipeline": ([sys.executable, "bench/pipeline.py"], "pipeline", "Feature extraction, training and metrics"),
-    "inference": ([sys.executable, "bench/inference.py", "--baseline-rev", SPEEDUP_BASELINE], "inference", "Inference speed (256 px, EfficientNet-Lite0)"),
+    "inference": ([sys.executable, "bench/inference.py", "--models", "vqflow", "msflow", "cflow", "vitad", "padim"], "inference",
+                  "Inference speed (256 px, EfficientNet-Lite0)"),
     "aupro": ([sys.executable, "bench/aupro.py"], "aupro", "AUPRO: ours vs. the slow exact reference"),
     "service": ([sys.executable, "bench/service_load.py"], "service_load", "`bentoml serve` under load"),
     "cifar": ([sys.executable, "bench/cifar.py", "--shared", str(SHARED)], "cifar10", "CIFAR-10 semantic anomaly detection"),
@@ -43,7 +45,8 @@ def summary() -> Path:
                                         + "\n\n".join(f"## {title}\n\n{text}" for _, title, text in sections) + "\n")
     readme = ROOT / "README.md"
     # the README shows the experiment tables in their own sections (their own markers)
-    block = "\n\n".join(f"#### {title}\n\n{text}" for stem, title, text in sections if not stem.startswith("experiments_"))
+    block = "\n\n".join(f"#### {title}\n\n{text}" for stem, title, text in sections
+                        if not stem.startswith(("experiments_", "ablation_", "score_rules_")))
     pattern = re.compile(r"(<!-- bench:summary -->\n).*?(<!-- /bench:summary -->)", re.S)
     text = readme.read_text()
     if pattern.search(text):

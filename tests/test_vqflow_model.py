@@ -175,3 +175,18 @@ def test_reloaded_model_gives_identical_scores(tmp_path):
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
     assert torch.equal(a.extras["concept"], b.extras["concept"])
     assert not list(tmp_path.glob("**/*.pt*")), "no pickle files"
+
+
+def test_a_model_saved_before_the_layout_fields_loads_with_the_layout_it_was_trained_with(tmp_path):
+    import json
+
+    model = _model(flow_stages=[0, 1, 2], pool=True, normalization="image")
+    save_model(model, "vqflow", model.config, tmp_path / "m")
+    meta = json.loads((tmp_path / "m/config.json").read_text())
+    for added in ("flow_stages", "pool", "normalization", "cadm_placement"):
+        del meta["config"][added]
+    (tmp_path / "m/config.json").write_text(json.dumps(meta))
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.flow_stages == [0, 1, 2] and loaded.config.pool and loaded.config.normalization == "image"
+    feats = tiny_features(3, seed=2)
+    assert torch.equal(model.predict(feats).scores, loaded.predict(feats).scores)

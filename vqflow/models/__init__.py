@@ -92,7 +92,8 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[AnomalyModel, dic
         if not (path / needed).is_file():
             raise FileNotFoundError(f"{path / needed}: not a saved vqflow model")
     meta = json.loads((path / "config.json").read_text())
-    config = make_config(meta["model"], meta["config"])
+    legacy = getattr(_entry(meta["model"]).config_class, "LEGACY_VALUES", {})  # fields added after it was saved
+    config = make_config(meta["model"], {**legacy, **meta["config"]})
     model = create_model(meta["model"], config)
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=device), strict=True)
     return model.to(device).eval(), meta

@@ -13,6 +13,7 @@ With every switch off (``msflow``) this is the MSFlow baseline: parallel flows +
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,13 @@ from .quantize import VectorQuantizer
 class VQFlowConfig:
     in_channels: list[int] = field(default_factory=lambda: [24, 40, 112, 320])
     image_size: int = 256
-    embed_dim: int = 64  # D (paper 256)
+    embed_dim: int = 32  # D (paper 256)
     pe_channels: int = 16  # P (paper 32)
     num_prototypes: int = 16  # K_cp (paper 32)
     num_patterns: int = 128  # K_csp (paper 512)
     flow_blocks: list[int] = field(default_factory=lambda: [2, 5, 8])
-    flow_stages: list[int] = field(default_factory=lambda: [0, 1, 2])  # pyramid stages feeding the 3 flows
-    pool: bool = True  # AvgPool(3, 2, 1) on the flow inputs (MSFlow), halving every scale
+    flow_stages: list[int] = field(default_factory=lambda: [1, 2, 3])  # pyramid stages feeding the 3 flows
+    pool: bool = False  # AvgPool(3, 2, 1) on the flow inputs (MSFlow on stages [0, 1, 2]), halving every scale
     clamp: float = 1.9
     cpc: bool = True
     cspc: bool = True
@@ -51,7 +52,11 @@ class VQFlowConfig:
     lambda_cpc: float = 1.0
     lambda_cspc: float = 1.0
     top_k: float = 0.03
-    normalization: str = "image"  # image: maps relative to each image's max | train: to the training images' max
+    normalization: str = "train"  # train: relative to the training images' max | image: to each image's own max
+
+    # what a model saved before these fields existed was built with (load_model fills absent fields from here)
+    LEGACY_VALUES: ClassVar[dict] = {"flow_stages": [0, 1, 2], "pool": True, "normalization": "image",
+                                     "cadm_placement": "fusion"}
 
     def __post_init__(self):
         if len(self.in_channels) != 4:
