@@ -1,7 +1,7 @@
 """How a trained VQ-Flow turns per-pixel likelihoods into an image score: every candidate rule on the same model.
 
     python bench/score_rules.py --suite default     # after `python bench/ablation.py --suite default`
-    python bench/score_rules.py --suite real --shared ../shared
+    python bench/score_rules.py --suite real --experiment real-vqflow   # the model of a DVC experiment
 
 Loads the full VQ-Flow of the ablation run (bench/.work/ablation/<suite>/), computes its per-scale log p maps
 once for the training and the test images, and scores the test images with each rule. The rule the model uses
@@ -12,6 +12,7 @@ the record of that choice, not a search on the reported run. Writes bench/result
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,13 +44,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="default", choices=["default", "real"])
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("--experiment", help="use this DVC experiment's trained model instead of the ablation's "
+                                             "(`dvc exp apply` into the workspace, restored to HEAD afterwards)")
     args = parser.parse_args()
-
-    from vqflow import stages
-    from vqflow.metrics import auroc
-    from vqflow.models import load_model
-    from vqflow.models.anomaly_map import add_map, log_map, top_k_score
-
+    if args.experiment:
+        subprocess.run(["dvc", "exp", "apply", args.experiment], cwd=ROOT, check=True)
+        try:
+            params = yaml.safe_load((ROOT / "params.yaml").read_text())
+            write_table(args.suite, params, Path(params["outputs"]["model"]), f"experiment {args.experiment}")
+        finally:
+            subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=ROOT, check=True)
+            subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT, check=False)
+        return
     work = ROOT / "bench/.work/ablation" / args.suite
     base = suite_params(yaml.safe_load((ROOT / "params.yaml").read_text()), args.suite, args.shared)
     base["prepare"]["manifest"] = str(work / "manifest.csv")
@@ -57,7 +63,17 @@ def main() -> None:
     model_dir = Path(variant_params(base, work, FULL_MODEL)["outputs"]["model"])
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir}: no trained model; run `python bench/ablation.py --suite {args.suite}` first")
-    manifest, cache = stages._manifest_and_cache(base)
+    write_table(args.suite, base, model_dir, "the ablation's full VQ-Flow")
+
+
+def write_table(suite: str, params: dict, model_dir: Path, source: str) -> None:
+    from vqflow import stages
+    from vqflow.metrics import auroc
+    from vqflow.models import load_model
+    from vqflow.models.anomaly_map import add_map, log_map, top_k_score
+
+
+    manifest, cache = stages._manifest_and_cache(params)
     model, _ = load_model(model_dir)
     size = model.config.image_size
     train_maps, _ = log_p_maps(model, cache, manifest[manifest.split == "train"].image_id.tolist())
@@ -86,10 +102,10 @@ def main() -> None:
     lines = ["| image score rule | " + " | ".join(names) + " | mean |", "|---|" + "---:|" * (len(names) + 1)]
     lines += [f"| {rule} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in names) + f" | {100 * r['mean']:.1f} |"
               for rule, r in results.items()]
-    note = (f"\n\nImage AUROC of the ablation's full VQ-Flow ({args.suite} suite) under each rule, same model and maps. "
+    note = (f"\n\nImage AUROC of {source} ({suite} suite) under each rule, same model and maps. "
             "c_train = the maximum over the training images (fitted after training); log p_l = per-scale map, upsampled.")
-    md = write_results(f"score_rules_{args.suite}", {"suite": args.suite, "rules": results}, "\n".join(lines) + note)
-    replace_readme_block(ROOT / "README.md", f"score_rules:{args.suite}", md.read_text())
+    md = write_results(f"score_rules_{suite}", {"suite": suite, "model": source, "rules": results}, "\n".join(lines) + note)
+    replace_readme_block(ROOT / "README.md", f"score_rules:{suite}", md.read_text())
     print(md.read_text())
 
 
