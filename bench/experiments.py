@@ -100,7 +100,8 @@ def run(suite: str, models: list[str], shared: str) -> None:
 
 def experiments() -> dict[str, dict]:
     """name -> {"params", "metrics", "rev"} of every experiment `dvc exp show` knows."""
-    shown = json.loads(dvc("exp", "show", "--json", capture=True).stdout)
+    # every baseline commit (newest first): experiments stay readable after later commits
+    shown = json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True).stdout)
     found = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
@@ -110,7 +111,7 @@ def experiments() -> dict[str, dict]:
                     continue
                 params = data["params"]["params.yaml"]["data"]
                 metrics = data.get("metrics", {}).get("metrics/metrics.json", {}).get("data", {})
-                found[rev["name"]] = {"params": params, "metrics": metrics, "rev": rev["rev"][:7]}
+                found.setdefault(rev["name"], {"params": params, "metrics": metrics, "rev": rev["rev"][:7]})
     return found
 
 

@@ -48,13 +48,20 @@ def main() -> None:
                                              "(`dvc exp apply` into the workspace, restored to HEAD afterwards)")
     args = parser.parse_args()
     if args.experiment:
+        # `dvc exp apply` rewrites tracked files with the experiment's versions: only on a clean work tree, which
+        # is restored to HEAD afterwards; the results are written after that
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        if dirty:
+            raise SystemExit(f"--experiment needs a clean work tree (commit or stash first):\n{dirty}")
         subprocess.run(["dvc", "exp", "apply", args.experiment], cwd=ROOT, check=True)
         try:
             params = yaml.safe_load((ROOT / "params.yaml").read_text())
-            write_table(args.suite, params, Path(params["outputs"]["model"]), f"experiment {args.experiment}")
+            table = score_table(args.suite, params, Path(params["outputs"]["model"]), f"experiment {args.experiment}")
         finally:
-            subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=ROOT, check=True)
+            subprocess.run(["git", "checkout", "HEAD", "--", "."], cwd=ROOT, check=True)
             subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT, check=False)
+        write_table(args.suite, *table)
         return
     work = ROOT / "bench/.work/ablation" / args.suite
     base = suite_params(yaml.safe_load((ROOT / "params.yaml").read_text()), args.suite, args.shared)
@@ -63,22 +70,22 @@ def main() -> None:
     model_dir = Path(variant_params(base, work, FULL_MODEL)["outputs"]["model"])
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir}: no trained model; run `python bench/ablation.py --suite {args.suite}` first")
-    write_table(args.suite, base, model_dir, "the ablation's full VQ-Flow")
+    write_table(args.suite, *score_table(args.suite, base, model_dir, "the ablation's full VQ-Flow"))
 
 
-def write_table(suite: str, params: dict, model_dir: Path, source: str) -> None:
+def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple[dict, str, str]:
+    """(results per rule, markdown table, source) of the model in ``model_dir`` on the suite's test split."""
     from vqflow import stages
     from vqflow.metrics import auroc
     from vqflow.models import load_model
-    from vqflow.models.anomaly_map import add_map, log_map, top_k_score
-
+    from vqflow.models.anomaly_map import add_map, log_map, top_k_score, upsample
 
     manifest, cache = stages._manifest_and_cache(params)
     model, _ = load_model(model_dir)
     size = model.config.image_size
     train_maps, _ = log_p_maps(model, cache, manifest[manifest.split == "train"].image_id.tolist())
     scale_max = [m.amax() for m in train_maps]
-    total_max = sum(_up(m, size) for m in train_maps).amax()
+    total_max = sum(upsample(m, size) for m in train_maps).amax()
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     maps, log_likelihood = log_p_maps(model, cache, test.image_id.tolist())
     train_relative, image_relative = log_map(maps, size, total_max), log_map(maps, size)
@@ -104,15 +111,13 @@ def write_table(suite: str, params: dict, model_dir: Path, source: str) -> None:
               for rule, r in results.items()]
     note = (f"\n\nImage AUROC of {source} ({suite} suite) under each rule, same model and maps. "
             "c_train = the maximum over the training images (fitted after training); log p_l = per-scale map, upsampled.")
-    md = write_results(f"score_rules_{suite}", {"suite": suite, "model": source, "rules": results}, "\n".join(lines) + note)
+    return results, "\n".join(lines) + note, source
+
+
+def write_table(suite: str, results: dict, table: str, source: str) -> None:
+    md = write_results(f"score_rules_{suite}", {"suite": suite, "model": source, "rules": results}, table)
     replace_readme_block(ROOT / "README.md", f"score_rules:{suite}", md.read_text())
     print(md.read_text())
-
-
-def _up(maps: torch.Tensor, size: int) -> torch.Tensor:
-    from vqflow.models.anomaly_map import upsample
-
-    return upsample(maps, size)
 
 
 if __name__ == "__main__":
