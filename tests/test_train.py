@@ -31,6 +31,19 @@ def test_training_lowers_the_loss_and_logs_usage():
     assert 0 < history[-1]["cpc_used"] <= 1 and history[-1]["cspc0_perplexity"] >= 1
 
 
+def test_loss_curves_plot_every_trained_run_from_its_log(tmp_path):
+    import xml.etree.ElementTree as ElementTree
+
+    from vqflow.plots import loss_curves
+
+    history = train_model(_fresh(), tiny_features(12), CFG, torch.device("cpu"), progress=False)
+    fitted_only = [{"epoch": 0, "seconds": 0.1}]  # a statistics-only model has no curve
+    path = loss_curves({"vqflow-run": history, "padim-run": fitted_only}, tmp_path / "loss.svg")
+    text = path.read_text()
+    ElementTree.fromstring(text)  # a well-formed SVG
+    assert "vqflow-run" in text and "padim-run" not in text
+
+
 @pytest.mark.parametrize("name", ["vqflow", "msflow"])
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name):
     features = tiny_features(12)
