@@ -27,6 +27,8 @@ STEPS = {
                          "VQ-Flow's parts (paper Table 4) on the default dataset"),
     "score-rules-default": ([sys.executable, "bench/score_rules.py", "--suite", "default"], "score_rules_default",
                             "Image score rules on one trained VQ-Flow (default dataset)"),
+    "score-rules-real": ([sys.executable, "bench/score_rules.py", "--suite", "real", "--experiment", "real-vqflow"],
+                         "score_rules_real", "Image score rules on one trained VQ-Flow (real data)"),
     "pipeline": ([sys.executable, "bench/pipeline.py"], "pipeline", "Feature extraction, training and metrics"),
     "inference": ([sys.executable, "bench/inference.py", "--models", "vqflow", "msflow", "cflow", "vitad", "padim"], "inference",
                   "Inference speed (256 px, EfficientNet-Lite0)"),
@@ -62,7 +64,7 @@ def main() -> None:
     failed = []
     for name in ([] if args.summary else args.only or list(STEPS)):
         command = STEPS[name][0]
-        if name in ("experiments-real", "cifar") and not SHARED.is_dir():
+        if name in ("experiments-real", "score-rules-real", "cifar") and not SHARED.is_dir():
             print(f"-- {name}: skipped, {SHARED} is absent", flush=True)
             continue
         if name == "peer" and not PEER_PYTHON.is_file():
