@@ -1,13 +1,17 @@
 """VQ-Flow (Zhou et al.): hierarchical vector quantisation conditions MSFlow's flows on concepts and patterns.
 
-With every switch off (``msflow``) this is the MSFlow baseline: parallel flows + fusion flow, N(0, I) base.
+With every VQ part off (``msflow``) this is the published MSFlow: parallel flows conditioned on a 2-D positional
+encoding + fusion flow, N(0, I) base.
 
 - CPC: GAP(stage 4) -> MLP -> nearest of K_cp prototypes (EMA codebook, straight-through).
 - CSPC: per scale, conv1x1 patterns f_l; target t = [PE ; prototype]; the residual f_l - t is quantised with
   K_csp codes and q_l = t + Q(f_l - t); the flow condition is [q_l ; prototype]. ``cspc_mode: naive`` is the
   concept-agnostic ablation (CAPC): q_l = Q(f_l).
 - CADM: the base density of scale l is N(mu_l(c_k), sigma_l(c_k)^2), a proper log-density (with -log sigma);
-  ``cadm_mixture: soft`` uses the mixture over all prototypes with learned weights instead of the hard one.
+  ``cadm_mixture: soft`` uses the mixture over all prototypes with learned weights instead of the hard one;
+  ``cadm_placement: parallel`` standardises the parallel flows' outputs before the fusion (released code).
+- Scores: image = top-k mean of c - sum_l log p_l with c fitted on training images (``normalization: train``);
+  map = MSFlow's add map.
 """
 
 from __future__ import annotations
