@@ -84,21 +84,38 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     model, _ = load_model(model_dir)
     size = model.config.image_size
     train_maps, _ = log_p_maps(model, cache, manifest[manifest.split == "train"].image_id.tolist())
+
+    def z_sum(log_p: list[torch.Tensor], per_position: bool) -> torch.Tensor:
+        """sum_l upsample((-log p_l - mean_l) / std_l), statistics of the training images per position or per scale."""
+        total = 0
+        for m, train in zip(log_p, train_maps):
+            nll = -train.double()
+            mean, std = (nll.mean(0), nll.std(0, correction=0)) if per_position else (nll.mean(), nll.std(correction=0))
+            std = std.clamp_min(1e-3 + 1e-2 * float(std.mean()))
+            total = total + upsample(((-m.double() - mean) / std).float(), size)
+        return total
+
     scale_max = [m.amax() for m in train_maps]
     total_max = sum(upsample(m, size) for m in train_maps).amax()
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     maps, log_likelihood = log_p_maps(model, cache, test.image_id.tolist())
     train_relative, image_relative = log_map(maps, size, total_max), log_map(maps, size)
+    position, per_scale = z_sum(maps, True), z_sum(maps, False)
     rules = {
         "top 3 % of c_train - sum_l log p_l (our rule: MSFlow's top-k, training reference, log domain)":
             top_k_score(train_relative, 0.03),
-        "top 1 % of the same": top_k_score(train_relative, 0.01),
-        "top 0.1 % of the same (about one stride-8 cell)": top_k_score(train_relative, 0.001),
-        "max of the same": train_relative.flatten(1).amax(1),
+        "top 1 % of c_train - sum_l log p_l": top_k_score(train_relative, 0.01),
+        "top 0.1 % of c_train - sum_l log p_l (about one stride-8 cell)": top_k_score(train_relative, 0.001),
+        "max of c_train - sum_l log p_l": train_relative.flatten(1).amax(1),
         "top 3 % relative to the image's own max (MSFlow's normalisation, log domain)": top_k_score(image_relative, 0.03),
         "top 3 % of the add map (training references)": top_k_score(add_map(maps, size, scale_max), 0.03),
         "max of the add map (training references)": add_map(maps, size, scale_max).flatten(1).amax(1),
         "- total log-likelihood (log p(x) with log-det)": -log_likelihood,
+        "top 3 % of sum_l z_l, z_l = -log p_l standardised per position on the training images "
+        "(`normalization: position`)": top_k_score(position, 0.03),
+        "top 1 % of sum_l z_l (per position)": top_k_score(position, 0.01),
+        "max of sum_l z_l (per position)": position.flatten(1).amax(1),
+        "top 3 % of sum_l z_l, standardised per scale (one mean and std per scale)": top_k_score(per_scale, 0.03),
     }
     categories, labels = test.category.to_numpy(), test.label.to_numpy()
     names = sorted(set(categories.tolist()))
@@ -110,7 +127,7 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     lines += [f"| {rule} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in names) + f" | {100 * r['mean']:.1f} |"
               for rule, r in results.items()]
     note = (f"\n\nImage AUROC of {source} ({suite} suite) under each rule, same model and maps. "
-            "c_train = the maximum over the training images (fitted after training); log p_l = per-scale map, upsampled.")
+            "z_l statistics, c_train = fitted on the training images after training; log p_l = per-scale map, upsampled.")
     return results, "\n".join(lines) + note, source
 
 

@@ -10,8 +10,9 @@ encoding + fusion flow, N(0, I) base.
 - CADM: the base density of scale l is N(mu_l(c_k), sigma_l(c_k)^2), a proper log-density (with -log sigma);
   ``cadm_mixture: soft`` uses the mixture over all prototypes with learned weights instead of the hard one;
   ``cadm_placement: parallel`` standardises the parallel flows' outputs before the fusion (released code).
-- Scores: image = top-k mean of c - sum_l log p_l with c fitted on training images (``normalization: train``);
-  map = MSFlow's add map.
+- Scores (``normalization``): ``train``: image = top-k mean of c - sum_l log p_l, c fitted on training images;
+  ``position``: top-k mean of sum_l z_l, each scale's -log p_l standardised per position with its mean and std
+  over the training images; ``image``: MSFlow's per-image normalisation. The map is MSFlow's add map.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class VQFlowConfig:
     lambda_cspc: float = 1.0
     top_k: float = 0.03
     normalization: str = "train"  # train: relative to the training images' max | image: to each image's own max
+    # | position: score from -log p_l standardised per position (training mean/std)
 
     # what a model saved before these fields existed was built with (load_model fills absent fields from here)
     LEGACY_VALUES: ClassVar[dict] = {"flow_stages": [0, 1, 2], "pool": True, "normalization": "image",
@@ -80,8 +82,8 @@ class VQFlowConfig:
             raise ValueError(f"model.cadm_placement must be fusion or parallel, got {self.cadm_placement!r}")
         if self.cadm and self.cadm_mixture == "soft" and self.cadm_placement != "fusion":
             raise ValueError("model.cadm_mixture: soft is a mixture base density: it needs cadm_placement: fusion")
-        if self.normalization not in ("image", "train"):
-            raise ValueError(f"model.normalization must be image or train, got {self.normalization!r}")
+        if self.normalization not in ("image", "train", "position"):
+            raise ValueError(f"model.normalization must be position, train or image, got {self.normalization!r}")
         if self.cspc and self.cspc_mode == "residual" and not (self.cpc or self.pe):
             raise ValueError("model.cspc (residual) quantises w.r.t. [PE ; prototype]: turn on cpc or pe, or use naive")
 
@@ -126,8 +128,12 @@ class VQFlow(AnomalyModel):
                 self.mixture_logits = nn.Parameter(torch.zeros(cfg.num_prototypes))
         for size in cfg.scale_sizes:
             self.register_buffer(f"pe_{size}", positional_encoding_2d(cfg.pe_channels, size, size), persistent=False)
-        if cfg.normalization == "train":  # max log p of each scale and of their sum over the training images
+        if cfg.normalization != "image":  # max log p of each scale and of their sum over the training images
             self.register_buffer("log_p_max", torch.zeros(4))
+        if cfg.normalization == "position":  # per scale: mean and std of -log p at each position over training images
+            for l, size in enumerate(cfg.scale_sizes):
+                self.register_buffer(f"nll_mean_{l}", torch.zeros(size, size))
+                self.register_buffer(f"nll_std_{l}", torch.ones(size, size))
         self.codebook_sizes = {}
         if cfg.cpc:
             self.codebook_sizes["cpc"] = cfg.num_prototypes
@@ -285,15 +291,34 @@ class VQFlow(AnomalyModel):
         return maps
 
     def fit_statistics(self, batches) -> None:
-        if self.config.normalization != "train":
+        if self.config.normalization == "image":
             return
         peak = torch.full_like(self.log_p_max, -torch.inf)
+        count, sums, squares = 0, [0.0] * 3, [0.0] * 3
         for features in batches:
             zs, _, proto_q, _ = self.encode(features)
             log_p = self.log_p_maps(zs, proto_q)
             total = sum(upsample(m, self.config.image_size) for m in log_p)
             peak = torch.maximum(peak, torch.stack([m.amax() for m in log_p] + [total.amax()]))
+            for l, m in enumerate(log_p):
+                nll = -m.double()
+                sums[l] = sums[l] + nll.sum(0)
+                squares[l] = squares[l] + (nll * nll).sum(0)
+            count += len(zs[0])
         self.log_p_max.copy_(peak)
+        if self.config.normalization != "position":
+            return
+        for l in range(3):
+            mean = sums[l] / count
+            std = (squares[l] / count - mean * mean).clamp_min(0).sqrt()
+            getattr(self, f"nll_mean_{l}").copy_(mean)
+            # a floor keeps a position that never varied in training from turning noise into huge z
+            getattr(self, f"nll_std_{l}").copy_(std.clamp_min(1e-3 + 1e-2 * float(std.mean())))
+
+    def position_map(self, log_p: list[torch.Tensor]) -> torch.Tensor:
+        """sum_l upsample((-log p_l - mean_l) / std_l): each scale in units of its own variation on normal images."""
+        return sum(upsample((-m - getattr(self, f"nll_mean_{l}")) / getattr(self, f"nll_std_{l}"), self.config.image_size)
+                   for l, m in enumerate(log_p))
 
     @torch.no_grad()
     def predict(self, features: list[torch.Tensor]) -> Prediction:
@@ -303,8 +328,11 @@ class VQFlow(AnomalyModel):
         extras = {"log_likelihood": self.log_likelihood(zs, logdet, proto_q)}
         if proto_q is not None:
             extras["concept"] = proto_q.indices
-        reference = self.log_p_max if self.config.normalization == "train" else None
-        detection = log_map(log_p, size, reference[3] if reference is not None else None)
+        reference = self.log_p_max if self.config.normalization != "image" else None
+        if self.config.normalization == "position":
+            detection = self.position_map(log_p)
+        else:
+            detection = log_map(log_p, size, reference[3] if reference is not None else None)
         anomaly_map = add_map(log_p, size, reference[:3] if reference is not None else None)
         return Prediction(top_k_score(detection, self.config.top_k), anomaly_map, extras)
 
