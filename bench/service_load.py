@@ -1,7 +1,8 @@
-"""Load test of `bentoml serve` on 127.0.0.1 only: latency p50/p95/p99 and throughput at several concurrencies.
+"""Load test of `bentoml serve` on 127.0.0.1 only: latency p50/p95/p99 and throughput at several concurrencies,
+against the library scoring the same images in batches of 16 (decode + model, no HTTP) measured in the same run.
 
 Bounded: a fixed number of requests per level and a time limit; the server is started and stopped here.
-Needs a champion in the BentoML store (run `make run` first).
+Serves the champion (`make run` first) or ``--model-tag``.
 """
 
 from __future__ import annotations
@@ -61,9 +62,23 @@ def run_level(url: str, images: list[bytes], concurrency: int, requests_per_leve
             "throughput_rps": len(latencies) / wall}
 
 
+def library_rate(model_dir: str, images: list[bytes], batch_size: int = 16, rounds: int = 4) -> float:
+    """Images per second of Predictor.decode + Predictor.predict at ``batch_size`` (after a warm-up batch)."""
+    from vqflow.inference import Predictor
+
+    predictor = Predictor(model_dir, "cpu")
+    batch = images[:batch_size]
+    predictor.predict([predictor.decode(b) for b in batch])
+    started = time.perf_counter()
+    for _ in range(rounds):
+        predictor.predict([predictor.decode(b) for b in batch])
+    return rounds * len(batch) / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--levels", default="1,8,16,32")
+    parser.add_argument("--model-tag", help="model of the BentoML store to serve (default: the champion)")
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per level at most")
     parser.add_argument("--images", default="data/synthetic", help="folder of 256x256 test images")
@@ -71,7 +86,14 @@ def main() -> None:
     images = [p.read_bytes() for p in sorted(Path(args.images).rglob("test/*/*.png"))[:64]]
     if not images:
         sys.exit(f"no test images under {args.images}: run `make run` first")
-    with bentoml_server() as (url, server):
+    import bentoml
+
+    from vqflow.serving import served_tag
+
+    tag = args.model_tag or served_tag()
+    library = library_rate(bentoml.models.get(tag).path, images)
+    print(f"library, batch 16: {library:.1f} images/s")
+    with bentoml_server({"VQFLOW_MODEL_TAG": tag}) as (url, server):
         proc = psutil.Process(server.pid)
         peak = _tree_rss(proc)
         rows = []
@@ -93,9 +115,14 @@ def main() -> None:
     table = "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | images/s |\n|---:|---:|---:|---:|---:|---:|---:|\n"
     table += "\n".join(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
                        f"{r['p99_ms']:.0f} | {r['throughput_rps']:.1f} |" for r in rows)
-    table += f"\n\nServer peak memory (RSS, all processes): {peak / 2**20:.0f} MiB. 256x256 PNG uploads to /predict."
+    at16 = next((r for r in rows if r["concurrency"] == 16), None)
+    table += (f"\n\nThe library (decode + model, batches of 16, no HTTP) in the same run: {library:.1f} images/s"
+              + (f"; the service at concurrency 16 reaches {100 * at16['throughput_rps'] / library:.0f} % of it" if at16 else "")
+              + f".\nServer peak memory (RSS, all processes): {peak / 2**20:.0f} MiB. 256x256 PNG uploads to /predict, "
+              f"model {tag}.")
     print(table)
-    write_results("service_load", {"levels": rows, "peak_rss_mib": peak / 2**20}, table)
+    write_results("service_load", {"levels": rows, "peak_rss_mib": peak / 2**20, "library_images_per_s": library,
+                                   "model_tag": tag}, table)
 
 
 if __name__ == "__main__":

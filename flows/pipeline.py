@@ -49,10 +49,11 @@ def _outs(spec: dict) -> list[str]:
 
 
 def stage_cache_key(context, arguments: dict) -> str | None:
-    """sha256 of the stage's declared params and dependency contents; None (no cache) if an output is missing."""
+    """sha256 of the stage's declared params and dependency contents; None (no cache) if an output is missing or
+    the stage is ``always_changed`` (export: its store is outside what the key can see)."""
     stage, repo, params = arguments["stage"], Path(arguments["repo"]), arguments["params"]
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
-    if any(not (repo / out).exists() for out in _outs(spec)):
+    if spec.get("always_changed") or any(not (repo / out).exists() for out in _outs(spec)):
         return None
     parts = {"stage": stage,
              "params": {p: _lookup(params, p) for p in (spec.get("params") or [])},

@@ -86,11 +86,10 @@ def version_data(root: str, count: int, push: bool) -> str:
     return _run(["git", "rev-parse", "HEAD"], repo).strip()
 
 
-def _champion_tag() -> str | None:
-    from vqflow.registry import champion
+def _champion(root: Path) -> dict | None:
+    from vqflow.registry import DEFAULT_RECORD, champion
 
-    ref = champion()
-    return str(ref.tag) if ref else None
+    return champion(root / load_params(root / "params.yaml").get("outputs", {}).get("champions", DEFAULT_RECORD))
 
 
 def _comparison(before: dict | None, after: dict) -> str:
@@ -117,10 +116,8 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str = "d
         logger.warning("quarantined %s", path)
     if not verdict["accepted"]:
         return {"status": "all rejected", "quarantined": moved}
-    from vqflow.registry import champion
-
-    before = champion()
-    before_metrics = before.info.metadata.get("metrics") if before else None
+    before = _champion(root)
+    before_metrics = before["metrics"] if before else None
     head = _run(["git", "rev-parse", "HEAD"], root).strip()
     copies = add_to_dataset(str(root), verdict["accepted"])
     try:
@@ -141,11 +138,12 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str = "d
         key="vqflow-retrain", description="challenger vs champion",
         markdown=f"# Retraining: {len(copies)} new images, model {record['tag']} is **{record['role']}**\n\n"
                  + "; ".join(record["reasons"]) + "\n\n" + _comparison(before_metrics, metrics))
-    _run(["git", "add", "dvc.lock"], root)
+    record_file = load_params(root / "params.yaml").get("outputs", {}).get("champions", "registry/champions.json")
+    _run(["git", "add", "dvc.lock", *([record_file] if (root / record_file).is_file() else [])], root)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode:
         _run(["git", "commit", "-q", "-m", f"retrain: pipeline on data commit {commit[:8]} -> {record['role']}"], root)
     return {"status": record["role"], "tag": record["tag"], "added": copies, "quarantined": moved,
-            "champion_before": str(before.tag) if before else None, "champion_after": _champion_tag()}
+            "champion_before": before["tag"] if before else None, "champion_after": (_champion(root) or {}).get("tag")}
 
 
 if __name__ == "__main__":

@@ -55,11 +55,13 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def bentoml_server(env: dict[str, str] | None = None, timeout: float = 180.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`bentoml serve vqflow.serving:AnomalyService` on 127.0.0.1; yields (url, process) once /readyz is 200."""
+def bentoml_server(env: dict[str, str] | None = None, timeout: float = 180.0, target: str = "vqflow.serving:AnomalyService",
+                   cwd: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`bentoml serve <target>` (the service of this checkout, or a bento tag) on 127.0.0.1; yields (url, process)
+    once /readyz is 200."""
     port = free_port()
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "vqflow.serving:AnomalyService",
+    root = cwd or Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", target,
                              "--host", "127.0.0.1", "--port", str(port)], cwd=root,
                             env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

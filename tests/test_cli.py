@@ -39,7 +39,8 @@ def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     assert [row["epoch"] for row in json.loads((tmp_path / "metrics/train_log.json").read_text())] == [1, 2]
     scores = (tmp_path / "metrics/scores.csv").read_text().splitlines()
     assert scores[0].startswith("image_id,category,label,defect_type,score,") and len(scores) == 1 + 5
-    assert sorted(p.name for p in (tmp_path / "models/model").iterdir()) == ["config.json", "model.safetensors", "thresholds.json"]
+    assert sorted(p.name for p in (tmp_path / "models/model").iterdir()) == [
+        "backbone.safetensors", "config.json", "model.safetensors", "thresholds.json"]
     thresholds = json.loads((tmp_path / "models/model/thresholds.json").read_text())
     assert thresholds["categories"]["wood"]["val_images"] == 1
     assert set(metrics["at_threshold"]["wood"]) >= {"threshold", "precision", "recall", "f1", "oracle_f1max"}

@@ -31,7 +31,7 @@ def repo(tmp_path_factory):
     params["prepare"]["sources"] = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["sources"]  # the project's
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    _git(root, "init", "-q")
+    _git(root, "init", "-q", "-b", "main")
     _git(root, "config", "user.email", "ci@example.com")
     _git(root, "config", "user.name", "ci")
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
@@ -52,8 +52,26 @@ def test_pipeline_flow_runs_every_stage_and_reports(repo):
     assert (repo / "models/model/model.safetensors").is_file() and (repo / "metrics/export.json").is_file()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert {"generate", "prepare", "validate", "features", "train", "evaluate", "export"} <= set(lock["stages"])
+    record = json.loads((repo / "metrics/export.json").read_text())
+    assert record["role"] == "champion", record  # a committed run on main promotes
+    assert json.loads((repo / "registry/champions.json").read_text())[-1]["tag"] == record["tag"]
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "first run")
+
+
+def test_an_experiment_never_changes_the_champion(repo):
+    dvc = str(Path(sys.executable).parent / "dvc")
+    record = (repo / "registry/champions.json").read_text()
+    env = {k: v for k, v in os.environ.items() if k != "DVC_EXP_NAME"}
+    run = subprocess.run([dvc, "exp", "run", "-S", "model.name=cflow", "-S", "++model.cflow.coupling_blocks=2",
+                          "-S", "++model.cflow.pe_channels=16", "-S", "++model.cflow.chunk_size=64"],
+                         cwd=repo, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    export = json.loads((repo / "metrics/export.json").read_text())
+    assert export["role"] == "challenger" and any("experiments never promote" in r for r in export["reasons"]), export
+    assert (repo / "registry/champions.json").read_text() == record
+    _git(repo, "checkout", "HEAD", "--", ".")  # back to the committed run for the next tests
+    subprocess.run([dvc, "checkout", "--quiet"], cwd=repo, env=env, capture_output=True)
 
 
 def _new_normals(repo, count, start):
@@ -74,7 +92,7 @@ def test_retrain_validates_quarantines_versions_and_promotes_only_if_not_worse(r
     from vqflow.registry import champion
 
     before_rows = _manifest_rows(repo)
-    champion_before = str(champion().tag)
+    champion_before = champion(repo / "registry/champions.json")["tag"]
     new = _new_normals(repo, 2, 500)
     (repo / "data/inbox/wood/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     result = retrain(str(repo), push=False)
@@ -88,7 +106,7 @@ def test_retrain_validates_quarantines_versions_and_promotes_only_if_not_worse(r
     record = json.loads((repo / "metrics/export.json").read_text())
     assert result["status"] == record["role"]
     expected = record["tag"] if record["role"] == "champion" else champion_before
-    assert str(champion().tag) == expected
+    assert champion(repo / "registry/champions.json")["tag"] == expected
 
 
 def test_retrain_with_an_empty_inbox_does_nothing(repo):
@@ -103,7 +121,7 @@ def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
     from flows.retrain import retrain
     from vqflow.registry import champion
 
-    champion_before = str(champion().tag)
+    champion_before = champion(repo / "registry/champions.json")["tag"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["lr"] = -1.0  # Adam refuses: the train stage fails
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
@@ -115,7 +133,7 @@ def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
         retrain(str(repo), push=False)
     assert all(p.exists() for p in new), "the inbox keeps its images"
     assert sorted(p.name for p in (repo / "data/added/wood").iterdir()) == added_before
-    assert str(champion().tag) == champion_before
+    assert champion(repo / "registry/champions.json")["tag"] == champion_before
     tree = subprocess.run(["git", "diff", head.strip(), "--stat", "--", "data/added.dvc"], cwd=repo,
                           capture_output=True, text=True).stdout
     assert tree == "", "the data commit was reverted"

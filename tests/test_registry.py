@@ -1,5 +1,7 @@
 import copy
 
+import pytest
+
 from vqflow.registry import compare
 
 METRICS = {
@@ -39,36 +41,86 @@ def test_a_regressing_category_blocks_promotion_even_if_the_mean_improves():
     assert "category a is missing" in compare(new, METRICS, 0.005, 0.01).reasons[0]
 
 
-def test_export_to_a_real_store_keeps_the_champion_when_worse(trained_project, tmp_path):
-    import json
-    import os
+def _cli(project, env, *args):
     import subprocess
     import sys
 
+    return subprocess.run([sys.executable, "-m", "vqflow.cli", "--params", str(project / "params.yaml"), *args],
+                          cwd=project, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture()
+def project(trained_project, tmp_path):
+    """A git repository on main holding params (champion record inside) and a copy of the trained model."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
     import yaml
 
-    root, params = trained_project
-    params = {**params, "outputs": {**params["outputs"], "metrics": str(tmp_path / "metrics.json"),
-                                    "export": str(tmp_path / "export.json")}}
+    _, params = trained_project
+    shutil.copytree(params["outputs"]["model"], tmp_path / "model")
+    shutil.copy(params["outputs"]["metrics"], tmp_path / "metrics.json")
+    params = {**params, "outputs": {**params["outputs"], "model": str(tmp_path / "model"), "champions": "champions.json",
+                                    "metrics": str(tmp_path / "metrics.json"), "export": str(tmp_path / "export.json")}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "store"), "BENTOML_DO_NOT_TRACK": "true"}
-    metrics = json.loads(open(trained_project[1]["outputs"]["metrics"]).read())
+    env.pop("DVC_EXP_NAME", None)
+    for command in (["init", "-q", "-b", "main"], ["config", "user.email", "ci@example.com"],
+                    ["config", "user.name", "ci"], ["add", "params.yaml"], ["commit", "-q", "-m", "params"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True, capture_output=True)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    return tmp_path, env, metrics
 
-    def export(m):
-        (tmp_path / "metrics.json").write_text(json.dumps(m))
-        run = subprocess.run([sys.executable, "-m", "vqflow.cli", "--params", str(tmp_path / "params.yaml"), "export"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr
-        return json.loads((tmp_path / "export.json").read_text())
 
-    first = export(metrics)
-    assert first["role"] == "champion"
+def _export(project, env, metrics, thresholds_shift=0.0):
+    """Export the model (a different model when the thresholds are shifted) with these metrics."""
+    import json
+
+    path = project / "model/thresholds.json"
+    thresholds = json.loads(path.read_text())
+    thresholds["categories"]["__global__"]["image"] += thresholds_shift
+    path.write_text(json.dumps(thresholds))
+    (project / "metrics.json").write_text(json.dumps(metrics))
+    run = _cli(project, env, "export")
+    assert run.returncode == 0, run.stderr
+    return json.loads((project / "export.json").read_text())
+
+
+def test_committed_run_on_main_promotes_and_a_worse_model_stays_challenger(project):
+    from vqflow.registry import champion
+
+    root, env, metrics = project
+    first = _export(root, env, metrics)
+    assert first["role"] == "champion" and first["tag"].startswith("vqflow-anomaly:")
+    assert _export(root, env, metrics)["reasons"] == ["already the champion (same content tag)"]
     worse = copy.deepcopy(metrics)
     category = next(iter(worse["per_category"]))
     worse["per_category"][category]["mad"] -= 0.05
-    second = export(worse)
-    assert second["role"] == "challenger" and second["champion_tag"] == first["tag"]
+    second = _export(root, env, worse, thresholds_shift=1.0)
+    assert second["role"] == "challenger" and second["champion_tag"] == first["tag"] and second["tag"] != first["tag"]
     assert any(category in reason for reason in second["reasons"])
-    champion = subprocess.run([sys.executable, "-c", "from vqflow.registry import champion; print(champion().tag)"],
-                              env=env, capture_output=True, text=True)
-    assert champion.stdout.strip() == first["tag"]
+    refused = _cli(root, env, "promote", second["tag"])
+    assert refused.returncode != 0 and "is worse than the champion" in refused.stderr
+    assert champion(root / "champions.json")["tag"] == first["tag"]
+
+
+def test_experiments_branches_and_uncommitted_params_never_promote(project):
+    import subprocess
+
+    from vqflow.registry import champion
+
+    root, env, metrics = project
+    in_experiment = _cli(root, {**env, "DVC_EXP_NAME": "curious-cats"}, "export")
+    assert "as challenger" in in_experiment.stdout and "experiments never promote" in in_experiment.stdout
+    subprocess.run(["git", "checkout", "-q", "-b", "try-cflow"], cwd=root, check=True)
+    assert "only on 'main'" in _cli(root, env, "export").stdout
+    subprocess.run(["git", "checkout", "-q", "main"], cwd=root, check=True)
+    (root / "params.yaml").write_text((root / "params.yaml").read_text() + "# edited\n")
+    assert "uncommitted changes" in _cli(root, env, "export").stdout
+    assert champion(root / "champions.json") is None
+    tag = _export(root, env, metrics)["tag"]  # still uncommitted: stored only
+    promoted = _cli(root, env, "promote", tag)  # on purpose
+    assert promoted.returncode == 0, promoted.stderr
+    assert champion(root / "champions.json")["tag"] == tag

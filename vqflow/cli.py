@@ -72,6 +72,13 @@ def export_stage(params: dict, args: argparse.Namespace) -> None:
     print(f"exported {record['tag']} as {record['role']}: " + "; ".join(record["reasons"]))
 
 
+@stage("promote")
+def promote_stage(params: dict, args: argparse.Namespace) -> None:
+    """Make a stored model the champion on purpose, if it is not worse than the current one."""
+    record = stages.promote(params, args.tag)
+    print(f"{record['tag']} is the champion: " + "; ".join(record["reasons"]))
+
+
 @stage("predict")
 def predict_stage(params: dict, args: argparse.Namespace) -> None:
     """Score images with a trained model: print score and decision, write overlay PNGs."""
@@ -81,6 +88,7 @@ def predict_stage(params: dict, args: argparse.Namespace) -> None:
         raise ValueError("predict: name at least one image file")
     model_dir = args.model or params.get("outputs", {}).get("model", "models/model")
     predictor = Predictor(model_dir, str(params.get("serve", {}).get("device", "auto")))
+    predictor.check_category(args.category)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True)
     for name, fn in STAGES.items():
         command = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        if name == "promote":
+            command.add_argument("tag", help="model tag, e.g. vqflow-anomaly:0123abcd... (bentoml models list)")
         if name == "predict":
             command.add_argument("images", nargs="*", help="image files to score")
             command.add_argument("--model", help="model directory (default: outputs.model of params)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,13 @@ from scipy import ndimage
 
 from .backbones import resolve_device
 from .data.images import DEFAULT_MAX_PIXELS, decode_image, image_to_array, to_rgb
-from .features import BackboneSpec
-from .models import load_model
+from .bundle import ModelBundle
 from .scoring import score_images
-from .thresholds import threshold_for
+from .thresholds import GLOBAL, threshold_for
+
+
+class UnknownCategoryError(ValueError):
+    """A request named a category the model has no threshold for."""
 
 
 @dataclass
@@ -32,11 +34,12 @@ class Result:
     defect_mask: np.ndarray
     boxes: list[list[int]]
     latency_ms: float
+    threshold_source: str = "global"  # "category": the image's category threshold, "global": all categories pooled
 
     def to_json(self, model_tag: str, with_map: bool = False) -> dict:
         payload = {"score": self.score, "is_anomaly": self.is_anomaly, "threshold": self.threshold,
-                   "concept": self.concept, "model_tag": model_tag, "latency_ms": round(self.latency_ms, 3),
-                   "defect_boxes": self.boxes}
+                   "threshold_source": self.threshold_source, "concept": self.concept, "model_tag": model_tag,
+                   "latency_ms": round(self.latency_ms, 3), "defect_boxes": self.boxes}
         if with_map:
             payload["anomaly_map_png"] = base64.b64encode(map_png(self.anomaly_map)).decode()
         return payload
@@ -65,13 +68,17 @@ class Predictor:
     """A trained model with its backbone and calibrated thresholds, ready to score decoded images."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
-        model_dir = Path(model_dir)
+        bundle = ModelBundle(model_dir)
         self.device = resolve_device(device)
-        self.model, self.meta = load_model(model_dir, str(self.device))
-        self.thresholds = json.loads((model_dir / "thresholds.json").read_text())
-        self.spec = BackboneSpec(**self.meta["backbone"])
-        self.backbone = self.spec.build().to(self.device)
+        self.model, self.meta, self.thresholds = bundle.load_model(self.device), bundle.meta, bundle.thresholds
+        self.spec = bundle.spec
+        self.backbone = bundle.load_backbone(self.device)
         self.max_pixels = max_pixels
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories with a calibrated threshold of their own."""
+        return sorted(c for c in self.thresholds["categories"] if c != GLOBAL)
 
     def decode(self, data: bytes, name: str = "upload") -> Image.Image:
         """Decode uploaded bytes (any supported mode) to RGB; raises ImageLoadError naming the problem."""
@@ -80,22 +87,33 @@ class Predictor:
     def tensor(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.from_numpy(np.stack([image_to_array(img, self.spec.image_size) for img in images]))
 
-    def predict(self, images: list[Image.Image], category: str | None = None) -> list[Result]:
+    def check_category(self, category: str | None) -> None:
+        """An unknown category is an error (its parts would be judged by another category's threshold)."""
+        if category is not None and category not in self.categories:
+            raise UnknownCategoryError(f"category {category!r} has no calibrated threshold; known categories: "
+                                       f"{self.categories} (omit it for the global threshold)")
+
+    def predict(self, images: list[Image.Image], categories: str | None | list[str | None] = None) -> list[Result]:
+        """Score decoded images; ``categories`` (one for all, or one per image) selects the thresholds,
+        None the global one."""
+        if categories is None or isinstance(categories, str):
+            categories = [categories] * len(images)
+        for category in set(categories):
+            self.check_category(category)
         started = time.perf_counter()
         scored = score_images(self.model, self.backbone, self.tensor(images), self.device)
         latency = (time.perf_counter() - started) * 1000 / max(1, len(images))
-        image_threshold = threshold_for(self.thresholds, category, "image")
-        pixel_threshold = threshold_for(self.thresholds, category, "pixel")
         concepts = scored.extras.get("concept")
+        size = scored.maps.shape[-1]
         results = []
-        for i, img in enumerate(images):
+        for i, (img, category) in enumerate(zip(images, categories)):
             score = float(scored.scores[i])
-            mask = scored.maps[i] > pixel_threshold
+            image_threshold = threshold_for(self.thresholds, category, "image")
+            mask = scored.maps[i] > threshold_for(self.thresholds, category, "pixel")
             anomalous = score > image_threshold
-            size = scored.maps.shape[-1]
             boxes = boxes_of(mask, img.width / size, img.height / size) if anomalous else []
             results.append(Result(score, anomalous, image_threshold, int(concepts[i]) if concepts is not None else None,
-                                  scored.maps[i], mask, boxes, latency))
+                                  scored.maps[i], mask, boxes, latency, "category" if category else "global"))
         return results
 
     def warmup(self) -> None:

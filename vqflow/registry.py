@@ -1,19 +1,31 @@
-"""The BentoML model store: export a trained model, and the champion/challenger promotion rule.
+"""Champions: the BentoML model store holds every exported model; a git-tracked record says which one serves.
 
-The champion is the most recent model of ``MODEL_NAME`` labelled ``role: champion``. A new model becomes the
-champion only when none of its mean metrics is worse than the champion's by more than ``tolerance_mean``
-and no category's mAD drops by more than ``tolerance_category``; otherwise it is stored as a challenger.
+- **Export** imports a model bundle into the store under a content tag ``vqflow-anomaly:<sha256 of the bundle>``,
+  so the same model has the same tag on every machine and exporting it again changes nothing (a fresh clone with
+  an empty store re-exports, and gets the tag its champion record names).
+- **Promotion** appends the model to the champion record (``outputs.champions``, committed with the pipeline
+  run) when it is not worse than the current champion: no mean metric drops more than ``tolerance_mean`` and
+  no category's mAD more than ``tolerance_category``. The export stage promotes only from a committed run on
+  ``export.promote_branch`` outside a DVC experiment; anything else stays a challenger until ``vqflow promote
+  TAG`` is asked for explicitly (same rule). ``git log -p registry/champions.json`` is the history.
+- **Publishing** copies a promoted model to ``export.publish`` (e.g. ``s3://bucket/models/``), from where a
+  serving machine imports it (``bentoml models import``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .bundle import ModelBundle
+from .io import write_json
+
 MODEL_NAME = "vqflow-anomaly"
+DEFAULT_RECORD = "registry/champions.json"
 COMPARED = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "mad")
 
 
@@ -43,48 +55,141 @@ def compare(new: dict, champion: dict | None, tolerance_mean: float, tolerance_c
     return Decision(not reasons, reasons or ["not worse than the champion on every mean metric and category"])
 
 
-def champion():
-    """The current champion model in the BentoML store, or None."""
+def read_record(path: str | Path = DEFAULT_RECORD) -> list[dict]:
+    """The champion history (oldest first); empty when there was never a champion."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    if not isinstance(record, list) or not all(isinstance(e, dict) and "tag" in e for e in record):
+        raise ValueError(f"{path}: not a champion record (a JSON list of entries with a 'tag')")
+    return record
+
+
+def champion(path: str | Path = DEFAULT_RECORD) -> dict | None:
+    """The current champion's record entry ({tag, metrics, git_commit, promoted_at, reason}), or None."""
+    record = read_record(path)
+    return record[-1] if record else None
+
+
+def model_tag(bundle: ModelBundle) -> str:
+    """The content tag of a bundle: same files, same tag, on every machine."""
+    return f"{MODEL_NAME}:{bundle.digest()[:32]}"
+
+
+def _git(*args: str) -> str | None:
+    result = subprocess.run(["git", *args], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def promotion_blocker(branch: str, watched: tuple[str, ...] = ("params.yaml", "dvc.yaml", "vqflow")) -> str | None:
+    """Why the export stage must not promote now (None: it may): an experiment, another branch, uncommitted
+    code or params."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"this is DVC experiment {os.environ['DVC_EXP_NAME']!r}: experiments never promote"
+    current = _git("rev-parse", "--abbrev-ref", "HEAD")
+    if current is None:
+        return "not a git repository: only a committed run promotes (or `vqflow promote TAG`)"
+    if current != branch:
+        return f"on branch {current!r}: the export stage promotes only on {branch!r} (or `vqflow promote TAG`)"
+    changed = _git("status", "--porcelain", "--", *[w for w in watched if Path(w).exists()])
+    if changed:
+        return f"uncommitted changes ({changed.splitlines()[0].strip()} ...): only a committed run promotes"
+    return None
+
+
+def _store_model(tag: str):
     import bentoml
     from bentoml.exceptions import NotFound
 
     try:
-        stored = bentoml.models.list(MODEL_NAME)
+        return bentoml.models.get(tag)
     except NotFound:
         return None
-    candidates = [m for m in stored if m.info.labels.get("role") == "champion"]
-    return max(candidates, key=lambda m: m.info.creation_time) if candidates else None
 
 
-def _git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
-
-
-def export(model_dir: str | Path, metrics: dict, params: dict, tolerance_mean: float, tolerance_category: float,
-           dvc_lock: str | Path = "dvc.lock") -> dict:
-    """Import the trained model into the store, labelled champion or challenger. Returns the decision record."""
+def import_bundle(bundle: ModelBundle, metrics: dict, params: dict, dvc_lock: str | Path = "dvc.lock") -> str:
+    """Put the bundle into the local model store under its content tag (no-op when it is there). Returns the tag."""
     import hashlib
+    import shutil
 
     import bentoml
 
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    thresholds = json.loads((model_dir / "thresholds.json").read_text())
-    current = champion()
-    decision = compare(metrics, current.info.metadata.get("metrics") if current else None, tolerance_mean,
-                       tolerance_category)
-    decision.champion_tag = str(current.tag) if current else None
+    tag = model_tag(bundle)
+    if _store_model(tag) is not None:
+        return tag
     lock = Path(dvc_lock)
     metadata = {
-        "model": config["model"], "backbone": config["backbone"]["name"], "image_size": config["backbone"]["image_size"],
+        "model": bundle.meta["model"], "backbone": bundle.spec.name, "image_size": bundle.spec.image_size,
         "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]},
-        "thresholds": thresholds, "params": {k: params.get(k) for k in ("model", "train", "features", "thresholds")},
-        "git_commit": _git_commit(),
+        "thresholds": bundle.thresholds,
+        "params": {k: params.get(k) for k in ("model", "train", "features", "thresholds")},
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
     }
-    labels = {"role": "champion" if decision.promote else "challenger", "model": config["model"]}
-    with bentoml.models.create(MODEL_NAME, labels=labels, metadata=json.loads(json.dumps(metadata, default=str))) as ref:
-        for item in model_dir.iterdir():
+    with bentoml.models.create(tag, labels={"model": bundle.meta["model"]},
+                               metadata=json.loads(json.dumps(metadata, default=str))) as ref:
+        for item in bundle.path.iterdir():
             shutil.copy2(item, Path(ref.path) / item.name)
-    return {"tag": str(ref.tag), "role": labels["role"], **asdict(decision)}
+    return tag
+
+
+def promote(tag: str, metrics: dict, record_path: str | Path, reason: str, publish: str = "") -> None:
+    """Append ``tag`` to the champion record (atomically) and publish it when a destination is configured."""
+    entry = {"tag": tag, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "git_commit": _git("rev-parse", "HEAD") or "unknown", "reason": reason,
+             "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]}}
+    write_json(record_path, [*read_record(record_path), entry])
+    if publish:
+        publish_model(tag, publish)
+
+
+def publish_model(tag: str, destination: str) -> str:
+    """Export a stored model to ``destination`` (a folder or ``s3://bucket/prefix/``). Returns the file URL."""
+    import bentoml
+
+    return bentoml.models.export_model(tag, destination if destination.endswith("/") else destination + "/")
+
+
+def export(model_dir: str | Path, metrics: dict, params: dict) -> dict:
+    """The export stage: store the model, promote it if allowed and not worse. Returns the decision record."""
+    p = params.get("export", {})
+    record_path = params.get("outputs", {}).get("champions", DEFAULT_RECORD)
+    tag = import_bundle(ModelBundle(model_dir), metrics, params)
+    current = champion(record_path)
+    if current and current["tag"] == tag:
+        return {"tag": tag, "role": "champion", "promote": False, "champion_tag": tag,
+                "reasons": ["already the champion (same content tag)"]}
+    decision = compare(metrics, current["metrics"] if current else None, float(p.get("tolerance_mean", 0.005)),
+                       float(p.get("tolerance_category", 0.01)))
+    decision.champion_tag = current["tag"] if current else None
+    blocker = promotion_blocker(str(p.get("promote_branch", "main")))
+    if blocker:
+        decision = Decision(False, [*decision.reasons, f"not promoted: {blocker}"], decision.champion_tag)
+    if decision.promote:
+        promote(tag, metrics, record_path, "; ".join(decision.reasons), str(p.get("publish", "") or ""))
+    return {"tag": tag, "role": "champion" if decision.promote else "challenger", **asdict(decision)}
+
+
+def promote_explicitly(tag: str, params: dict) -> dict:
+    """`vqflow promote TAG`: make a stored model the champion on purpose, if it is not worse (same rule)."""
+    p = params.get("export", {})
+    record_path = params.get("outputs", {}).get("champions", DEFAULT_RECORD)
+    stored = _store_model(tag)
+    if stored is None or not tag.startswith(MODEL_NAME + ":"):
+        raise ValueError(f"promote: {tag!r} is not a {MODEL_NAME} model in the BentoML store "
+                         f"(`bentoml models list {MODEL_NAME}` shows them)")
+    tag = str(stored.tag)
+    metrics = stored.info.metadata["metrics"]
+    current = champion(record_path)
+    if current and current["tag"] == tag:
+        return {"tag": tag, "role": "champion", "promote": False, "reasons": ["already the champion"],
+                "champion_tag": tag}
+    decision = compare(metrics, current["metrics"] if current else None, float(p.get("tolerance_mean", 0.005)),
+                       float(p.get("tolerance_category", 0.01)))
+    if not decision.promote:
+        raise ValueError(f"promote: {tag} is worse than the champion {current['tag']}: " + "; ".join(decision.reasons))
+    promote(tag, metrics, record_path, "explicit `vqflow promote`; " + "; ".join(decision.reasons),
+            str(p.get("publish", "") or ""))
+    return {"tag": tag, "role": "champion", "promote": True, "reasons": decision.reasons,
+            "champion_tag": current["tag"] if current else None}

@@ -1,71 +1,198 @@
-"""The BentoML service: `bentoml serve vqflow.serving:AnomalyService` (thin: decode, check, call Predictor).
+"""The BentoML service (thin: check uploads, decode, queue for the batcher, answer JSON).
 
-It loads the champion of the model store at start, warms up, and reports ready only then.
+The service declares the model it serves, so ``bentoml build`` packages it into the bento: the champion named by
+the champion record (``outputs.champions`` of params.yaml, shipped in the bento), or ``VQFLOW_MODEL_TAG``.
+Settings come from the ``serve`` section of params.yaml; ``VQFLOW_<KEY>`` environment variables override them.
+Every 4xx answer has one JSON shape: ``{"status": <code>, "error": "<message naming the upload>"}``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
-from bentoml.exceptions import InvalidArgument
+import yaml
+from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
 from PIL import Image
+from starlette.responses import Response
 
+from .batching import MicroBatcher
 from .data.images import ImageLoadError
-from .inference import Predictor, render_overlay
-from .registry import MODEL_NAME, champion
+from .inference import Predictor, UnknownCategoryError, render_overlay
+from .registry import DEFAULT_RECORD, MODEL_NAME, champion
 
+SOURCE = Path(__file__).resolve().parents[1]  # the repository, or the bento's src/ directory
+SERVE_DEFAULTS: dict[str, Any] = {"device": "auto", "max_batch_size": 16, "max_latency_ms": 10,
+                                  "max_pixels": 40_000_000, "max_upload_bytes": 20_000_000, "max_batch_images": 64}
 ImageFile = Annotated[Path, ContentType("image/*")]
 
 
-def _model_ref():
-    tag = os.environ.get("VQFLOW_MODEL_TAG")
-    ref = bentoml.models.get(tag) if tag else champion()
-    if ref is None:
-        raise RuntimeError(f"no champion {MODEL_NAME} model in the BentoML store: run `dvc repro` (export stage) first")
-    return ref
+def upload_name(path: Path) -> str:
+    """The client's file name of an upload: BentoML stores it as a NamedTemporaryFile whose suffix is that name
+    (tempfile's names are "tmp" + 8 random characters + suffix)."""
+    name = Path(path).name
+    return name[11:] if name.startswith("tmp") and len(name) > 11 else "upload"
+
+
+def _params() -> dict:
+    path = SOURCE / "params.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def serve_settings(params: dict | None = None, environ: dict | None = None) -> dict[str, Any]:
+    """The ``serve`` section over the defaults, each key overridden by ``VQFLOW_<KEY>`` when set."""
+    params = _params() if params is None else params
+    environ = os.environ if environ is None else environ
+    settings = {**SERVE_DEFAULTS, **(params.get("serve") or {})}
+    for key, default in SERVE_DEFAULTS.items():
+        raw = environ.get(f"VQFLOW_{key.upper()}")
+        if raw is not None:
+            try:
+                settings[key] = type(default)(raw)
+            except ValueError as exc:
+                raise ValueError(f"VQFLOW_{key.upper()}={raw!r}: expected {type(default).__name__}") from exc
+    return settings
+
+
+def served_tag() -> str:
+    """The tag of the model to serve: ``VQFLOW_MODEL_TAG``, else the champion record's current champion."""
+    if os.environ.get("VQFLOW_MODEL_TAG"):
+        return os.environ["VQFLOW_MODEL_TAG"]
+    record = SOURCE / _params().get("outputs", {}).get("champions", DEFAULT_RECORD)
+    current = champion(record)
+    if current is None:
+        raise RuntimeError(f"no champion {MODEL_NAME} model: {record} names none. Run the pipeline (`dvc repro`, "
+                           "whose export stage promotes) or `vqflow promote TAG`, or set VQFLOW_MODEL_TAG")
+    return current["tag"]
+
+
+class UploadTooLarge(BentoMLException):
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UniformErrors:
+    """ASGI middleware: every 4xx body becomes ``{"status": code, "error": message}`` (BentoML's own
+    validation errors included)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict[str, Any] = {}
+
+        async def send_uniform(message):
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                held["start"], held["body"] = message, b""
+                return
+            if "start" in held and message["type"] == "http.response.body":
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                status = held["start"]["status"]
+                body = json.dumps({"status": status, "error": _error_text(held["body"])}).encode()
+                headers = [(k, v) for k, v in held["start"]["headers"] if k.lower() not in (b"content-length",
+                                                                                              b"content-type")]
+                await send({**held["start"], "headers": headers + [(b"content-type", b"application/json"),
+                                                                   (b"content-length", str(len(body)).encode())]})
+                return await send({"type": "http.response.body", "body": body})
+            await send(message)
+
+        await self.app(scope, receive, send_uniform)
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace").strip()
+    data = data[0] if isinstance(data, list) and len(data) == 1 else data
+    if isinstance(data, dict):
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', '')}"
+                           for d in data.get("detail", []) if isinstance(d, dict))
+        return str(data.get("error", data)) + (f" ({detail})" if detail else "")
+    return str(data)
+
+
+SETTINGS = serve_settings()
 
 
 @bentoml.service(traffic={"timeout": 60, "max_concurrency": 64}, workers=1)
 class AnomalyService:
+    model = bentoml.models.BentoModel(served_tag())
+
     def __init__(self) -> None:
         self.ready = False
-        self.ref = _model_ref()
-        max_pixels = int(os.environ.get("VQFLOW_MAX_PIXELS", 40_000_000))
-        self.predictor = Predictor(self.ref.path, os.environ.get("VQFLOW_DEVICE", "auto"), max_pixels)
+        self.tag = str(self.model.tag)
+        self.predictor = Predictor(self.model.path, SETTINGS["device"], int(SETTINGS["max_pixels"]))
         self.predictor.warmup()
+        self.batcher = MicroBatcher(self._score, int(SETTINGS["max_batch_size"]), float(SETTINGS["max_latency_ms"]))
         self.ready = True
 
     def __is_ready__(self) -> bool:
         return self.ready
 
-    def _decode(self, image: Path) -> Image.Image:
-        data = Path(image).read_bytes()
+    def _score(self, items: list[tuple[Image.Image, str | None]]):
+        return self.predictor.predict([image for image, _ in items], [category for _, category in items])
+
+    async def _decoded(self, paths: list[Path]) -> list[Image.Image]:
+        """Check the uploads' sizes and decode them; errors name the uploaded file."""
+        decoded = []
+        for path in paths:
+            name = upload_name(path)
+            size = Path(path).stat().st_size
+            if size > int(SETTINGS["max_upload_bytes"]):
+                raise UploadTooLarge(f"{name}: {size} bytes exceeds the upload limit of {SETTINGS['max_upload_bytes']}")
+            try:
+                decoded.append(await asyncio.to_thread(self.predictor.decode, Path(path).read_bytes(), name))
+            except ImageLoadError as exc:
+                raise InvalidArgument(str(exc)) from exc
+        return decoded
+
+    def _category(self, category: str | None) -> str | None:
         try:
-            return self.predictor.decode(data, Path(image).name)
-        except ImageLoadError as exc:
+            self.predictor.check_category(category)
+        except UnknownCategoryError as exc:
             raise InvalidArgument(str(exc)) from exc
+        return category
 
     @bentoml.api
-    def predict(self, image: ImageFile, category: str | None = None, with_map: bool = False) -> dict:
-        """Score one image: {score, is_anomaly, threshold, concept, model_tag, latency_ms, defect_boxes}."""
-        result = self.predictor.predict([self._decode(image)], category)[0]
-        return result.to_json(str(self.ref.tag), with_map)
-
-    @bentoml.api(batchable=True, max_batch_size=16, max_latency_ms=200)
-    def predict_batch(self, images: list[ImageFile]) -> list[dict]:
-        """Score many images; concurrent requests are batched adaptively."""
-        decoded = [self._decode(image) for image in images]
-        return [r.to_json(str(self.ref.tag)) for r in self.predictor.predict(decoded)]
+    async def predict(self, image: ImageFile, category: str | None = None,
+                      with_map: bool = False) -> dict:
+        """Score one image: {score, is_anomaly, threshold, threshold_source, concept, model_tag, latency_ms,
+        defect_boxes[, anomaly_map_png]}. Without ``category`` the global (all categories) threshold applies."""
+        category = self._category(category)
+        (decoded,) = await self._decoded([image])
+        (result,) = await self.batcher.submit([(decoded, category)])
+        return result.to_json(self.tag, with_map)
 
     @bentoml.api
-    def render(self, image: ImageFile, category: str | None = None) -> Annotated[Path, ContentType("image/png")]:
-        """The overlay image: input + heat map + contour of the predicted defect mask, as PNG."""
-        decoded = self._decode(image)
-        result = self.predictor.predict([decoded], category)[0]
-        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"vqflow-render-{os.getpid()}-{id(result)}.png"
-        out.write_bytes(render_overlay(decoded, result, self.predictor.spec.image_size))
-        return out
+    async def predict_batch(self, images: list[ImageFile], category: str | None = None) -> list[dict]:
+        """Score many images (one category, or the global threshold); they share batches with other requests."""
+        if len(images) > int(SETTINGS["max_batch_images"]):
+            raise InvalidArgument(f"images: {len(images)} files in one request, the limit is "
+                                  f"{SETTINGS['max_batch_images']} (split the request)")
+        category = self._category(category)
+        decoded = await self._decoded(images)
+        results = await self.batcher.submit([(image, category) for image in decoded])
+        return [r.to_json(self.tag) for r in results]
+
+    @bentoml.api
+    async def render(self, image: ImageFile,
+                     category: str | None = None) -> Annotated[Path, ContentType("image/png")]:
+        """The overlay image (input + heat map + contour of the predicted defect mask) as PNG."""
+        category = self._category(category)
+        (decoded,) = await self._decoded([image])
+        (result,) = await self.batcher.submit([(decoded, category)])
+        png = await asyncio.to_thread(render_overlay, decoded, result, self.predictor.spec.image_size)
+        return Response(png, media_type="image/png")
+
+
+AnomalyService.add_asgi_middleware(UniformErrors)

@@ -67,7 +67,8 @@ def _manifest_and_cache(params: dict):
 def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     """Train the configured model on the train split (all categories mixed, no labels) and save it."""
     from .backbones import resolve_device
-    from .models import config_from_params, create_model, save_model
+    from .bundle import ModelBundle
+    from .models import config_from_params, create_model
     from .train import Checkpoint, TrainConfig, fingerprint, seed_everything, train_model, write_history
 
     manifest, cache = _manifest_and_cache(params)
@@ -91,7 +92,8 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     if model.trainable and len(history) < cfg.epochs:
         raise RuntimeError(f"training stopped after epoch {len(history)} of {cfg.epochs}; run again to resume")
     thresholds = calibrate_thresholds(params, model, manifest, cache, device)
-    save_model(model, name, config, out["model"], files={"thresholds.json": thresholds}, extra={
+    # the extractor that made the cached features goes into the bundle, so serving needs no weights source
+    ModelBundle.write(out["model"], model, name, config, thresholds, cache.spec.build(), extra={
         "backbone": cache.index["backbone"], "feature_cache_key": cache.index["key"],
         "train": cfg.__dict__, "train_images": len(train_ids), "train_seconds": time.perf_counter() - started,
         "epochs": cfg.epochs if model.trainable else 0,
@@ -123,7 +125,7 @@ def evaluate(params: dict) -> dict:
     from .data.images import load_mask, resize_mask
     from .io import atomic_path, write_json
     from .metrics import evaluate_categories, f1_max
-    from .models import load_model
+    from .bundle import ModelBundle
     from .report import write_report
     from .scoring import score_cached
     from .thresholds import decision_metrics, threshold_for
@@ -132,8 +134,8 @@ def evaluate(params: dict) -> dict:
     out = section(params, "outputs", ("model", "metrics", "scores", "plots", "report"))
     p = section(params, "evaluate")
     device = resolve_device(str(p.get("device", "auto")))
-    model, meta = load_model(out["model"], device=str(device))
-    thresholds = json.loads((Path(out["model"]) / "thresholds.json").read_text())
+    bundle = ModelBundle(out["model"])
+    model, meta, thresholds = bundle.load_model(device), bundle.meta, bundle.thresholds
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     scored = score_cached(model, cache, test.image_id.tolist(), device, int(p.get("batch_size", 16)))
     size = scored.maps.shape[-1]
@@ -149,7 +151,7 @@ def evaluate(params: dict) -> dict:
         at["oracle_f1max"] = f1_max(labels[idx], scored.scores[idx])[0]
         decisions[category] = at
     metrics["at_threshold"] = decisions
-    metrics["fps"] = inference_fps(params, model, test, device)
+    metrics["fps"] = inference_fps(bundle, model, test, device)
     metrics["train_seconds"] = meta.get("train_seconds_total")
     metrics["epochs"] = meta.get("epochs")
     metrics["model"] = meta["model"]
@@ -180,13 +182,13 @@ def make_plots(test, scored, masks, metrics: dict, thresholds: dict, plot_dir: P
     ]
 
 
-def inference_fps(params: dict, model, test: pd.DataFrame, device, images: int = 32, batch_size: int = 16) -> float:
+def inference_fps(bundle, model, test: pd.DataFrame, device, images: int = 32, batch_size: int = 16) -> float:
     """Images per second of the whole inference (decode + resize + backbone + model + maps), after a warm-up."""
     from .features import load_batch
     from .scoring import score_images
 
-    spec = backbone_spec(params)
-    backbone = spec.build()
+    spec = bundle.spec
+    backbone = bundle.load_backbone(device)
     paths = test.path.tolist()[:images]
     score_images(model, backbone, load_batch(paths[:2], spec.image_size), device)
     started = time.perf_counter()
@@ -225,13 +227,21 @@ def validate(params: dict) -> "object":
 
 
 def export(params: dict) -> dict:
-    """Import the trained model into the BentoML store; promote it to champion only if not worse."""
+    """Store the trained model (content tag) in the BentoML store; promote it to champion only from a committed
+    run on the promotion branch, and only if not worse than the champion."""
     from .io import write_json
     from .registry import export as export_model
 
     out = section(params, "outputs", ("model", "metrics", "export"))
-    p = section(params, "export", ("tolerance_mean", "tolerance_category"))
-    metrics = json.loads(Path(out["metrics"]).read_text())
-    record = export_model(out["model"], metrics, params, float(p["tolerance_mean"]), float(p["tolerance_category"]))
+    section(params, "export", ("tolerance_mean", "tolerance_category"))
+    record = export_model(out["model"], json.loads(Path(out["metrics"]).read_text()), params)
     write_json(out["export"], record)
     return record
+
+
+def promote(params: dict, tag: str) -> dict:
+    """Make a stored model the champion on purpose (the same not-worse rule as the export stage)."""
+    from .registry import promote_explicitly
+
+    section(params, "export", ("tolerance_mean", "tolerance_category"))
+    return promote_explicitly(tag, params)

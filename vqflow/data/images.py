@@ -63,6 +63,8 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageLoadError(f"{name}: image exceeds the limit of {max_pixels} pixels ({exc})") from exc
+        except Image.UnidentifiedImageError as exc:  # its message is the repr of our in-memory buffer
+            raise ImageLoadError(f"{name}: cannot decode image (not a recognised image format)") from exc
         except Exception as exc:  # PIL raises many types for corrupt data
             raise ImageLoadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     return ImageOps.exif_transpose(img)

@@ -74,11 +74,14 @@ def create_model(name: str, config) -> AnomalyModel:
 
 
 def save_model(model: AnomalyModel, name: str, config, path: str | Path, extra: dict[str, Any] | None = None,
-               files: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` + ``config.json`` (+ JSON ``files``) into ``path`` atomically (no pickle)."""
+               files: dict[str, Any] | None = None, tensors: dict[str, dict] | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` (+ JSON ``files``, + safetensors ``tensors``) into ``path``
+    atomically (no pickle)."""
     with atomic_dir(path) as tmp:
         for filename, content in (files or {}).items():
             (tmp / filename).write_text(json.dumps(content, indent=2) + "\n")
+        for filename, state in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / filename))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"model": name, "config": dataclasses.asdict(config), **(extra or {})}
