@@ -62,7 +62,7 @@ def run_level(url: str, images: list[bytes], concurrency: int, requests_per_leve
             "throughput_rps": len(latencies) / wall}
 
 
-def library_rate(model_dir: str, images: list[bytes], batch_size: int = 16, rounds: int = 4) -> float:
+def library_rate(model_dir: str, images: list[bytes], batch_size: int = 16, rounds: int = 8) -> float:
     """Images per second of Predictor.decode + Predictor.predict at ``batch_size`` (after a warm-up batch)."""
     from vqflow.inference import Predictor
 
@@ -91,8 +91,9 @@ def main() -> None:
     from vqflow.serving import served_tag
 
     tag = args.model_tag or served_tag()
-    library = library_rate(bentoml.models.get(tag).path, images)
-    print(f"library, batch 16: {library:.1f} images/s")
+    # the machine's speed drifts: the library is measured before and after the server, and their mean compared
+    library_before = library_rate(bentoml.models.get(tag).path, images)
+    print(f"library, batch 16: {library_before:.1f} images/s")
     with bentoml_server({"VQFLOW_MODEL_TAG": tag}) as (url, server):
         proc = psutil.Process(server.pid)
         peak = _tree_rss(proc)
@@ -115,13 +116,17 @@ def main() -> None:
     table = "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | images/s |\n|---:|---:|---:|---:|---:|---:|---:|\n"
     table += "\n".join(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
                        f"{r['p99_ms']:.0f} | {r['throughput_rps']:.1f} |" for r in rows)
+    library_after = library_rate(bentoml.models.get(tag).path, images)
+    library = (library_before + library_after) / 2
     at16 = next((r for r in rows if r["concurrency"] == 16), None)
-    table += (f"\n\nThe library (decode + model, batches of 16, no HTTP) in the same run: {library:.1f} images/s"
+    table += (f"\n\nThe library (decode + model, batches of 16, no HTTP) in the same run: {library:.1f} images/s "
+              f"(mean of {library_before:.1f} before and {library_after:.1f} after the server)"
               + (f"; the service at concurrency 16 reaches {100 * at16['throughput_rps'] / library:.0f} % of it" if at16 else "")
               + f".\nServer peak memory (RSS, all processes): {peak / 2**20:.0f} MiB. 256x256 PNG uploads to /predict, "
               f"model {tag}.")
     print(table)
     write_results("service_load", {"levels": rows, "peak_rss_mib": peak / 2**20, "library_images_per_s": library,
+                                   "library_before": library_before, "library_after": library_after,
                                    "model_tag": tag}, table)
 
 
