@@ -64,3 +64,17 @@ def test_a_lone_request_waits_at_most_the_latency_bound():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(lambda items: items, max_batch_size=0)
+
+
+def test_with_two_workers_two_batches_run_at_once():
+    both_running = threading.Barrier(2, timeout=5)  # breaks (raises) unless two score calls overlap
+
+    def score(items):
+        both_running.wait()
+        return items
+
+    async def main():
+        batcher = MicroBatcher(score, max_batch_size=2, max_latency_ms=0, workers=2)
+        return await asyncio.gather(batcher.submit(["a", "b"]), batcher.submit(["c", "d"]))
+
+    assert asyncio.run(main()) == [["a", "b"], ["c", "d"]]

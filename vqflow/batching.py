@@ -4,7 +4,8 @@ BentoML's own adaptive batching serves one ``batchable`` endpoint whose only arg
 needs one batch shared by two endpoints (/predict with per-request category and map options, /predict_batch),
 so it queues items here. A batch starts as soon as the scorer is free and takes what is queued, up to
 ``max_batch_size``, waiting at most ``max_latency_ms`` for more: a lone request pays that wait at most, and
-under load batches fill while the previous one runs.
+under load batches fill while the previous one runs. With ``workers`` > 1 that many batches run at once (on a
+CPU, each with a share of the cores: better than one batch over all cores, whose threads wait for each other).
 """
 
 from __future__ import annotations
@@ -15,23 +16,24 @@ from typing import Any, Callable, Sequence
 
 class MicroBatcher:
     """``await batcher.submit(items)`` -> results in order; ``score(list of items) -> list`` runs in a thread,
-    one batch at a time."""
+    at most ``workers`` batches at a time."""
 
     def __init__(self, score: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 16,
-                 max_latency_ms: float = 10.0):
-        if max_batch_size < 1 or max_latency_ms < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and max_latency_ms >= 0 "
-                             f"(got {max_batch_size}, {max_latency_ms})")
+                 max_latency_ms: float = 10.0, workers: int = 1):
+        if max_batch_size < 1 or max_latency_ms < 0 or workers < 1:
+            raise ValueError(f"max_batch_size and workers must be >= 1 and max_latency_ms >= 0 "
+                             f"(got {max_batch_size}, {workers}, {max_latency_ms})")
         self.score, self.max_batch_size, self.max_latency = score, int(max_batch_size), max_latency_ms / 1000
+        self.workers = int(workers)
         self.batch_sizes: list[int] = []  # of every batch run (for tests and metrics)
         self._queue: asyncio.Queue | None = None
-        self._worker: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def submit(self, items: Sequence[Any]) -> list[Any]:
         loop = asyncio.get_running_loop()
         if self._queue is None:  # created in the server's event loop, on first use
             self._queue = asyncio.Queue()
-            self._worker = loop.create_task(self._run())
+            self._tasks = [loop.create_task(self._run()) for _ in range(self.workers)]
         futures = [loop.create_future() for _ in items]
         for item, future in zip(items, futures):
             self._queue.put_nowait((item, future))

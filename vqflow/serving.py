@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
+import torch
 import yaml
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
@@ -28,7 +29,8 @@ from .inference import Predictor, UnknownCategoryError, render_overlay
 from .registry import DEFAULT_RECORD, MODEL_NAME, champion
 
 SOURCE = Path(__file__).resolve().parents[1]  # the repository, or the bento's src/ directory
-SERVE_DEFAULTS: dict[str, Any] = {"device": "auto", "max_batch_size": 16, "max_latency_ms": 10,
+SERVE_DEFAULTS: dict[str, Any] = {"device": "auto", "max_batch_size": 16, "max_latency_ms": 10, "batch_workers": 2,
+                                  "torch_threads": 0,
                                   "max_pixels": 40_000_000, "max_upload_bytes": 20_000_000, "max_batch_images": 64}
 ImageFile = Annotated[Path, ContentType("image/*")]
 
@@ -131,9 +133,12 @@ class AnomalyService:
     def __init__(self) -> None:
         self.ready = False
         self.tag = str(self.model.tag)
+        workers = int(SETTINGS["batch_workers"])
+        torch.set_num_threads(int(SETTINGS["torch_threads"]) or max(1, (os.cpu_count() or 1) // workers))
         self.predictor = Predictor(self.model.path, SETTINGS["device"], int(SETTINGS["max_pixels"]))
         self.predictor.warmup()
-        self.batcher = MicroBatcher(self._score, int(SETTINGS["max_batch_size"]), float(SETTINGS["max_latency_ms"]))
+        self.batcher = MicroBatcher(self._score, int(SETTINGS["max_batch_size"]), float(SETTINGS["max_latency_ms"]),
+                                    workers)
         self.ready = True
 
     def __is_ready__(self) -> bool:
