@@ -109,7 +109,27 @@ def _bad_category_name(root):
     return "category_allowed", root / "chip!?/train/good/000.png"
 
 
-FILE_CORRUPTIONS = [_corrupt_file, _mask_wrong_size, _mask_not_binary, _mask_empty, _leakage, _duplicate_in_split,
+def _grey_small_defect(root):
+    path = root / "chip/ground_truth/scratch/000_mask.png"  # the defect drawn in 77 instead of 255
+    mask = np.asarray(Image.open(path).convert("L"))
+    Image.fromarray(np.where(mask > 127, 77, 0).astype(np.uint8)).save(path)
+    return "mask_binary", root / "chip/test/scratch/000.png"
+
+
+def _odd_size_in_category(root):
+    path = root / "fabric/train/good/005.png"
+    Image.open(path).crop((0, 0, 48, 40)).save(path)  # a cut-out: valid on its own, not this category's size
+    return "size_consistent_in_category", path
+
+
+def _mask_for_a_normal_image(root):
+    folder = root / "chip/ground_truth/good"
+    folder.mkdir()
+    shutil.copy(root / "chip/ground_truth/scratch/000_mask.png", folder / "000_mask.png")
+    return "normal_has_no_mask", root / "chip/test/good/000.png"
+
+
+FILE_CORRUPTIONS = [_grey_small_defect, _odd_size_in_category, _mask_for_a_normal_image,_corrupt_file, _mask_wrong_size, _mask_not_binary, _mask_empty, _leakage, _duplicate_in_split,
                     _tiny_category, _black_image, _blurred_image, _too_small, _cmyk, _bad_category_name]
 
 
@@ -129,6 +149,12 @@ def test_defective_image_labelled_as_training_data_fails(dataset):
     manifest.loc[row, "label"] = 1
     failed = _failed(validate_manifest(manifest, LIMITS))
     assert manifest.path[row] in failed["train_is_normal"].files
+
+
+def test_a_category_allowed_to_vary_in_size_passes(dataset):
+    _odd_size_in_category(dataset)
+    report = validate_manifest(_manifest(dataset), {**LIMITS, "variable_size_categories": ["fabric"]})
+    assert report.success, [(f.check, f.files) for f in report.failures]
 
 
 def test_mask_on_a_normal_image_fails(dataset):

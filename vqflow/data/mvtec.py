@@ -30,6 +30,13 @@ def _mask_for(root: Path, category: str, defect: str, image: Path) -> str:
     raise FileNotFoundError(f"{image}: no ground-truth mask found in {folder} (expected {image.stem}_mask.png)")
 
 
+def _optional_mask(root: Path, category: str, image: Path) -> str:
+    try:
+        return _mask_for(root, category, GOOD, image)
+    except FileNotFoundError:
+        return ""
+
+
 def read_mvtec(root: str | Path, categories: Iterable[str] | None = None) -> Iterator[Sample]:
     """Yield the train and test samples of the selected categories (all when ``categories`` is empty)."""
     root = Path(root)
@@ -47,7 +54,7 @@ def read_mvtec(root: str | Path, categories: Iterable[str] | None = None) -> Ite
         for defect_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
             defect = defect_dir.name
             for image in _images(defect_dir):
-                if defect == GOOD:
-                    yield Sample(str(image), category, "test", 0)
+                if defect == GOOD:  # a mask file for a normal image is reported (the gate fails it), not ignored
+                    yield Sample(str(image), category, "test", 0, mask_path=_optional_mask(root, category, image))
                 else:
                     yield Sample(str(image), category, "test", 1, defect, _mask_for(root, category, defect, image))

@@ -21,7 +21,7 @@ def derive(manifest: pd.DataFrame, limits: dict) -> pd.DataFrame:
         has_mask & (frame.mask_width == frame.width) & (frame.mask_height == frame.height)
     )
     frame["mask_not_empty"] = ~defective | (frame.mask_fraction.fillna(0) > 0) | ~has_mask
-    frame["mask_binary"] = ~has_mask | (frame.mask_nonbinary.fillna(1.0) <= float(limits.get("max_mask_nonbinary", 0.02)))
+    frame["mask_binary"] = ~has_mask | (frame.mask_nonbinary.fillna(1.0) <= float(limits.get("max_mask_nonbinary", 0.5)))
     frame["normal_has_no_mask"] = defective | ~has_mask
     frame["train_is_normal"] = ~training | (frame.label == 0)
     test_hashes = set(frame.loc[frame.split == "test", "sha256"]) - {""}
@@ -37,6 +37,12 @@ def derive(manifest: pd.DataFrame, limits: dict) -> pd.DataFrame:
     train_counts = frame.category.map(counts.get("train", pd.Series(dtype=int))).fillna(0)
     test_counts = frame.category.map(counts.get("test", pd.Series(dtype=int))).fillna(0)
     frame["category_has_enough_images"] = (train_counts >= min_train) & (test_counts >= min_test)
+    # one size per category (its most common one) unless the category is allowed to vary
+    decodes = frame.decodes & (frame.width > 0)
+    sizes = frame.width.astype(str) + "x" + frame.height.astype(str)
+    usual = sizes[decodes].groupby(frame.category[decodes]).agg(lambda s: s.value_counts().index[0])
+    variable = set(limits.get("variable_size_categories") or [])
+    frame["size_consistent"] = ~decodes | frame.category.isin(variable) | (sizes == frame.category.map(usual))
     frame["train_images_in_category"] = train_counts.astype(int)
     frame["test_images_in_category"] = test_counts.astype(int)
     return frame
