@@ -1,8 +1,9 @@
 """The pipeline as a Prefect flow: one task per DVC stage (`dvc repro --single-item`, which runs `vqflow <stage>`).
 
 Task results are cached on the stage's inputs as dvc.yaml declares them (the params sections it reads and
-the content of its dependencies); a stage whose outputs are missing always runs. Transient failures
-(I/O, runtime errors) are retried; bad data or bad params are not.
+the content of its dependencies); a stage whose outputs are missing always runs. A stage's exit code says
+what failed (vqflow.cli: 1 bad data, 2 bad params or input, 70 a bug, 75 transient I/O / network / storage);
+only transient failures are retried. Stage output reaches the run logs line by line, as it is printed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,22 @@ from vqflow import stages
 from vqflow.config import ParamsError, load_params
 
 STAGES = ("generate", "prepare", "validate", "features", "train", "evaluate", "export")
-PERMANENT = (stages.DataValidationError, ParamsError, ValueError, KeyError, FileNotFoundError)
+
+
+class StageInputError(ValueError):
+    """A stage failed on its params or input files: permanent, never retried."""
+
+
+class StageFailed(RuntimeError):
+    """A stage failed for a reason retrying cannot fix (a bug, a model error)."""
+
+
+class TransientStageError(RuntimeError):
+    """A stage failed on I/O, network or storage (exit 75), or was killed: worth retrying."""
+
+
+PERMANENT = (stages.DataValidationError, ParamsError, StageInputError, StageFailed, ValueError, KeyError,
+             FileNotFoundError)
 
 
 def _digest(path: Path) -> str:
@@ -75,21 +91,29 @@ def _transient(task, task_run, state) -> bool:
       cache_expiration=timedelta(days=30), persist_result=True, task_run_name="{stage}")
 def run_stage(stage: str, repo: str, params: dict, force: bool = False) -> str:
     """`dvc repro --single-item <stage>` in ``repo``: DVC records it in dvc.lock, the CLI runs `vqflow.stages`."""
+    import re
     import subprocess
     import sys
 
     logger = get_run_logger()
     dvc = str(Path(sys.executable).parent / "dvc")
     command = [dvc, "repro", "--single-item", stage] + (["--force"] if force else [])
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True)
-    for line in (result.stdout + result.stderr).splitlines():
-        if line.strip() and "it/s]" not in line:
-            logger.info(line)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-12:]
-        error = stages.DataValidationError if stage == "validate" else RuntimeError
-        raise error(f"stage {stage} failed:\n" + "\n".join(tail))
-    return stage
+    tail: list[str] = []
+    with subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        for line in process.stdout:  # streamed: a long stage shows its progress while it runs
+            line = line.rstrip()
+            if line.strip() and "it/s]" not in line and "s/it]" not in line:
+                logger.info(line)
+                tail = (tail + [line])[-12:]
+    if process.returncode == 0:
+        return stage
+    # dvc reports the command's own exit code as "... exited with N"; a kill shows as a negative code
+    found = re.findall(r"exited with (-?\d+)", "\n".join(tail))
+    code = int(found[-1]) if found else process.returncode
+    message = f"stage {stage} failed (exit {code}):\n" + "\n".join(tail)
+    raise {1: stages.DataValidationError, 2: StageInputError, 75: TransientStageError}.get(
+        code, TransientStageError if code < 0 else StageFailed)(message)
 
 
 def metrics_artifacts(repo: Path, params: dict) -> dict:

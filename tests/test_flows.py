@@ -162,9 +162,34 @@ def test_stage_cache_key_follows_the_declared_inputs(tmp_path):
 def test_only_transient_failures_are_retried():
     from prefect.states import Failed
 
-    from flows.pipeline import _transient
+    from flows.pipeline import StageFailed, StageInputError, TransientStageError, _transient
     from vqflow.stages import DataValidationError
 
-    assert _transient(None, None, Failed(data=RuntimeError("worker lost")))
+    assert _transient(None, None, Failed(data=TransientStageError("storage unreachable")))
     assert not _transient(None, None, Failed(data=DataValidationError("bad data")))
-    assert not _transient(None, None, Failed(data=ValueError("bad param")))
+    assert not _transient(None, None, Failed(data=StageInputError("bad param")))
+    assert not _transient(None, None, Failed(data=StageFailed("a bug")))
+
+
+@pytest.mark.parametrize("exit_code,attempts,error", [(75, 3, "TransientStageError"), (2, 1, "StageInputError"),
+                                                      (1, 1, "DataValidationError"), (70, 1, "StageFailed")])
+def test_a_stage_is_retried_only_when_its_exit_code_says_transient(tmp_path, exit_code, attempts, error):
+    from prefect import flow
+
+    from flows.pipeline import run_stage
+
+    counter = tmp_path / "attempts.txt"
+    command = f"{sys.executable} -c \"open(r'{counter}', 'a').write('x'); print('working'); raise SystemExit({exit_code})\""
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"step": {"cmd": command, "outs": ["out.txt"]}}}))
+    _git(tmp_path, "init", "-q", "-b", "main")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=tmp_path, check=True)
+
+    @flow
+    def one_stage() -> tuple[bool, str, str]:
+        state = run_stage.with_options(retry_delay_seconds=0)("step", str(tmp_path), {}, False, return_state=True)
+        exc = state.result(raise_on_failure=False)
+        return state.is_failed(), type(exc).__name__, str(exc)
+
+    failed, name, message = one_stage()
+    assert failed and name == error and f"exit {exit_code}" in message and "working" in message
+    assert counter.read_text() == "x" * attempts

@@ -124,3 +124,23 @@ def test_experiments_branches_and_uncommitted_params_never_promote(project):
     promoted = _cli(root, env, "promote", tag)  # on purpose
     assert promoted.returncode == 0, promoted.stderr
     assert champion(root / "champions.json")["tag"] == tag
+
+
+def test_an_unreachable_publish_target_is_a_transient_failure_that_promotes_nothing(project):
+    import yaml
+
+    from tests.servers import free_port
+
+    root, env, metrics = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["export"]["publish"] = "s3://vqflow-models/champions/"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    import subprocess
+
+    subprocess.run(["git", "commit", "-qam", "publish"], cwd=root, check=True)
+    unreachable = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
+    run = _cli(root, unreachable, "export")
+    assert run.returncode == 75, (run.returncode, run.stderr[-2000:])
+    assert "transient error, retry" in run.stderr
+    assert not (root / "champions.json").exists()  # not promoted: the retry will publish and promote

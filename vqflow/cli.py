@@ -12,6 +12,13 @@ from .config import ParamsError, load_params
 
 STAGES: dict[str, Callable[[dict, argparse.Namespace], None]] = {}
 
+# exit codes: what a caller (DVC, the Prefect flows, a shell) can do about a failure
+EXIT_BAD_DATA = 1  # the data gate failed: fix the data, retrying cannot help
+EXIT_BAD_INPUT = 2  # bad params, missing or unreadable input files: permanent
+EXIT_FAILED = 70  # a bug or a model error (sysexits EX_SOFTWARE): permanent
+EXIT_TRANSIENT = 75  # I/O, network or storage trouble (sysexits EX_TEMPFAIL): worth retrying
+TRANSIENT = (ConnectionError, TimeoutError, InterruptedError, BlockingIOError)
+
 
 def stage(name: str):
     def register(fn: Callable[[dict, argparse.Namespace], None]):
@@ -141,11 +148,34 @@ def main(argv: list[str] | None = None) -> int:
         print_validation(getattr(exc, "report", None))
         print(f"vqflow {args.stage}: error: {exc}", file=sys.stderr)
         return 1
-    except (ParamsError, FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as exc:
+    except (ParamsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError,
+            ValueError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"vqflow {args.stage}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except TRANSIENT + (OSError,) as exc:
+        print(f"vqflow {args.stage}: transient error, retry: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_TRANSIENT
+    except Exception as exc:
+        if _is_transient_storage_error(exc):
+            print(f"vqflow {args.stage}: transient error, retry: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_TRANSIENT
+        import traceback
+
+        traceback.print_exc()
+        print(f"vqflow {args.stage}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
+
+
+def _is_transient_storage_error(exc: Exception) -> bool:
+    """S3 / HTTP client errors that are not OSError subclasses (botocore's connection and throttling errors)."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ReadTimeoutError
+    except ImportError:
+        return False
+    return isinstance(exc, (BotoConnectionError, ReadTimeoutError))
 
 
 if __name__ == "__main__":

@@ -136,12 +136,12 @@ def import_bundle(bundle: ModelBundle, metrics: dict, params: dict, dvc_lock: st
 
 def promote(tag: str, metrics: dict, record_path: str | Path, reason: str, publish: str = "") -> None:
     """Append ``tag`` to the champion record (atomically) and publish it when a destination is configured."""
+    if publish:  # first: a failed upload leaves no champion entry behind, so a retry publishes again
+        publish_model(tag, publish)
     entry = {"tag": tag, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "git_commit": _git("rev-parse", "HEAD") or "unknown", "reason": reason,
              "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]}}
     write_json(record_path, [*read_record(record_path), entry])
-    if publish:
-        publish_model(tag, publish)
 
 
 def publish_model(tag: str, destination: str) -> str:
