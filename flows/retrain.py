@@ -1,12 +1,17 @@
 """Scheduled retraining: new normal images in the inbox -> validated -> versioned -> pipeline -> promotion.
 
-Nothing is lost when a step fails: inbox images are only copied into the dataset and leave the inbox after
-the pipeline succeeded; a failed run removes the copies and reverts the data commit; the champion in the
-model store changes only through the export stage's not-worse rule.
+Nothing is lost when a step fails: inbox images are copied into the dataset under their content's name
+(sha256, so a repeated run is idempotent) and leave the inbox only after the pipeline succeeded; a failed run
+resets the checkout to the commit it started from (`git reset --hard` + `dvc checkout`, which works with DVC's
+autostage) and removes its copies, and the original error is raised. A run that was killed leaves its copies
+(and maybe its data commit): the next run recognises those inbox images by content, skips re-validating them
+against a dataset that already holds them, and finishes the job. The champion changes only through the export
+stage's not-worse rule. Run it in a checkout of its own: the reset discards uncommitted changes there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -59,17 +64,23 @@ def quarantine(root: str, inbox: str, rejected: dict[str, list[str]], folder: st
     return moved
 
 
+def content_copy(root: Path, inbox_image: Path) -> Path:
+    """Where an inbox image lives in the dataset: data/added/<category>/<sha256 of its bytes><suffix>."""
+    digest = hashlib.sha256(inbox_image.read_bytes()).hexdigest()[:32]
+    return root / ADDED / inbox_image.parent.name / f"{digest}{inbox_image.suffix.lower()}"
+
+
 @task
 def add_to_dataset(root: str, accepted: list[str]) -> list[str]:
-    """Copy accepted images to data/added/<category>/ (the inbox keeps them until the run succeeded)."""
+    """Copy accepted images to data/added/<category>/ under their content's name (the inbox keeps them until
+    the run succeeded); an image already there is not copied again."""
     copies = []
     for path in accepted:
-        source = Path(path)
-        target = Path(root) / ADDED / source.parent.name / source.name
-        if target.exists():
-            target = target.with_name(f"{target.stem}-{abs(hash(source.read_bytes())) % 10**8}{target.suffix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
+        target = content_copy(Path(root), Path(path))
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target.with_suffix(target.suffix + ".part"))
+            target.with_suffix(target.suffix + ".part").replace(target)
         copies.append(str(target))
     return copies
 
@@ -80,10 +91,25 @@ def version_data(root: str, count: int, push: bool) -> str:
     repo = Path(root)
     _dvc(repo, "add", ADDED)
     _run(["git", "add", f"{ADDED}.dvc", "data/.gitignore"], repo)
-    _run(["git", "commit", "-q", "-m", f"retrain: add {count} validated normal images"], repo)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode:  # else: committed by a killed run
+        _run(["git", "commit", "-q", "-m", f"retrain: add {count} validated normal images"], repo)
     if push and _dvc(repo, "remote", "list").strip():
         _dvc(repo, "push")
     return _run(["git", "rev-parse", "HEAD"], repo).strip()
+
+
+def _roll_back(root: Path, head: str, new_copies: list[str], logger) -> None:
+    """Back to ``head``: git state (autostaged files included), DVC outputs, and none of the copies this run made;
+    a problem here is logged, never raised over the error that caused the rollback."""
+    steps = [lambda: _run(["git", "reset", "-q", "--hard", head], root)]
+    steps += [lambda copy=copy: Path(copy).unlink(missing_ok=True) for copy in new_copies]
+    steps.append(lambda: _dvc(root, "checkout", "--force", "--quiet"))
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - keep rolling back, report, let the original error surface
+            logger.error("rollback step failed: %s", exc)
+    logger.error("retraining failed: the checkout is back at %s, the inbox and the champion are unchanged", head[:8])
 
 
 def _champion(root: Path) -> dict | None:
@@ -110,26 +136,32 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str = "d
     if not inbox_samples(root / inbox):
         logger.info("inbox %s is empty: nothing to do", root / inbox)
         return {"status": "empty"}
-    verdict = check_inbox(str(root), inbox)
-    moved = quarantine(str(root), inbox, verdict["rejected"], quarantine_dir)
+    # images a killed run already copied: validated then, part of the dataset now (re-checking would call
+    # them duplicates of themselves)
+    pending = [str(p) for p in (Path(s.path) for s in inbox_samples(root / inbox)) if content_copy(root, p).exists()]
+    verdict = check_inbox(str(root), inbox) if len(pending) < len(inbox_samples(root / inbox)) else \
+        {"accepted": [], "rejected": {}}
+    rejected = {path: reasons for path, reasons in verdict["rejected"].items() if path not in pending}
+    moved = quarantine(str(root), inbox, rejected, quarantine_dir)
     for path in moved:
         logger.warning("quarantined %s", path)
-    if not verdict["accepted"]:
+    accepted = sorted(set(verdict["accepted"]) - set(pending)) + pending
+    if pending:
+        logger.info("%d inbox images were added by an interrupted run: finishing it", len(pending))
+    if not accepted:
         return {"status": "all rejected", "quarantined": moved}
+    verdict = {"accepted": accepted}
     before = _champion(root)
     before_metrics = before["metrics"] if before else None
     head = _run(["git", "rev-parse", "HEAD"], root).strip()
-    copies = add_to_dataset(str(root), verdict["accepted"])
+    there_before = {str(content_copy(root, Path(path))) for path in accepted if content_copy(root, Path(path)).exists()}
+    copies = add_to_dataset(str(root), accepted)
     try:
         commit = version_data(str(root), len(copies), push)
         metrics = pipeline(str(root), stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
                            force=["prepare"])
     except Exception:
-        for copy in copies:
-            Path(copy).unlink(missing_ok=True)
-        if _run(["git", "rev-parse", "HEAD"], root).strip() != head:
-            _run(["git", "revert", "--no-edit", "HEAD"], root)
-        logger.error("retraining failed: the inbox and the champion are unchanged")
+        _roll_back(root, head, [c for c in copies if c not in there_before], logger)
         raise
     for path in verdict["accepted"]:
         Path(path).unlink()

@@ -35,9 +35,15 @@ def repo(tmp_path_factory):
     _git(root, "config", "user.email", "ci@example.com")
     _git(root, "config", "user.name", "ci")
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
+    shutil.copy(ROOT / ".dvc/config", root / ".dvc/config")  # the project's: autostage on, the S3 remote
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "project")
     return root
+
+
+def _added(repo) -> list[str]:
+    folder = repo / "data/added/wood"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def _manifest_rows(repo):
@@ -93,12 +99,15 @@ def test_retrain_validates_quarantines_versions_and_promotes_only_if_not_worse(r
 
     before_rows = _manifest_rows(repo)
     champion_before = champion(repo / "registry/champions.json")["tag"]
+    from flows.retrain import content_copy
+
     new = _new_normals(repo, 2, 500)
+    expected = sorted(content_copy(repo, p).name for p in new)  # named by content: a rerun cannot duplicate them
     (repo / "data/inbox/wood/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     result = retrain(str(repo), push=False)
     reason = (repo / "data/quarantine/wood/corrupt.png.reason.txt").read_text()
     assert "decodable" in reason
-    assert sorted(p.name for p in (repo / "data/added/wood").iterdir()) == ["new_500.png", "new_501.png"]
+    assert _added(repo) == expected
     assert not any(p.exists() for p in new), "accepted images leave the inbox after success"
     assert _manifest_rows(repo) == before_rows + 2
     log = subprocess.run(["git", "log", "--format=%s"], cwd=repo, capture_output=True, text=True).stdout
@@ -107,6 +116,24 @@ def test_retrain_validates_quarantines_versions_and_promotes_only_if_not_worse(r
     assert result["status"] == record["role"]
     expected = record["tag"] if record["role"] == "champion" else champion_before
     assert champion(repo / "registry/champions.json")["tag"] == expected
+
+
+def test_a_killed_run_is_finished_by_the_next_one(repo):
+    """The state a kill -9 after the data commit leaves (copies committed, inbox full, no pipeline run): the next
+    run neither quarantines the images as duplicates of themselves nor adds them twice."""
+    from flows.retrain import add_to_dataset, content_copy, retrain, version_data
+
+    new = _new_normals(repo, 2, 700)
+    added_before = _added(repo)
+    names = [content_copy(repo, p).name for p in new]
+    add_to_dataset.fn(str(repo), [str(p) for p in new])
+    version_data.fn(str(repo), 2, False)
+    result = retrain(str(repo), push=False)
+    assert result["status"] in ("champion", "challenger"), result
+    assert _added(repo) == sorted(added_before + names)  # each exactly once
+    assert not any(p.exists() for p in new) and not (repo / "data/quarantine/wood/new_700.png").exists()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    assert status == "", status
 
 
 def test_retrain_with_an_empty_inbox_does_nothing(repo):
@@ -126,13 +153,15 @@ def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
     params["train"]["lr"] = -1.0  # Adam refuses: the train stage fails
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _git(repo, "commit", "-q", "-am", "break training")
-    added_before = sorted(p.name for p in (repo / "data/added/wood").iterdir())
+    added_before = _added(repo)
     new = _new_normals(repo, 1, 600)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
     with pytest.raises(Exception, match="stage train failed"):
         retrain(str(repo), push=False)
     assert all(p.exists() for p in new), "the inbox keeps its images"
-    assert sorted(p.name for p in (repo / "data/added/wood").iterdir()) == added_before
+    assert _added(repo) == added_before
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    assert status == "", f"the rollback leaves a clean checkout (autostage on): {status}"
     assert champion(repo / "registry/champions.json")["tag"] == champion_before
     tree = subprocess.run(["git", "diff", head.strip(), "--stat", "--", "data/added.dvc"], cwd=repo,
                           capture_output=True, text=True).stdout
