@@ -78,7 +78,7 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     from vqflow import stages
     from vqflow.metrics import auroc
     from vqflow.models import load_model
-    from vqflow.models.anomaly_map import add_map, log_map, top_k_score, upsample
+    from vqflow.models.anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
 
     manifest, cache = stages._manifest_and_cache(params)
     model, _ = load_model(model_dir)
@@ -91,7 +91,7 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
         for m, train in zip(log_p, train_maps):
             nll = -train.double()
             mean, std = (nll.mean(0), nll.std(0, correction=0)) if per_position else (nll.mean(), nll.std(correction=0))
-            std = std.clamp_min(1e-3 + 1e-2 * float(std.mean()))
+            std = floored_std(std)
             total = total + upsample(((-m.double() - mean) / std).float(), size)
         return total
 

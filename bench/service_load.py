@@ -62,11 +62,8 @@ def run_level(url: str, images: list[bytes], concurrency: int, requests_per_leve
             "throughput_rps": len(latencies) / wall}
 
 
-def library_rate(model_dir: str, images: list[bytes], batch_size: int = 16, rounds: int = 8) -> float:
+def library_rate(predictor, images: list[bytes], batch_size: int = 16, rounds: int = 8) -> float:
     """Images per second of Predictor.decode + Predictor.predict at ``batch_size`` (after a warm-up batch)."""
-    from vqflow.inference import Predictor
-
-    predictor = Predictor(model_dir, "cpu")
     batch = images[:batch_size]
     predictor.predict([predictor.decode(b) for b in batch])
     started = time.perf_counter()
@@ -92,7 +89,10 @@ def main() -> None:
 
     tag = args.model_tag or served_tag()
     # the machine's speed drifts: the library is measured before and after the server, and their mean compared
-    library_before = library_rate(bentoml.models.get(tag).path, images)
+    from vqflow.inference import Predictor
+
+    predictor = Predictor(bentoml.models.get(tag).path, "cpu")
+    library_before = library_rate(predictor, images)
     print(f"library, batch 16: {library_before:.1f} images/s")
     with bentoml_server({"VQFLOW_MODEL_TAG": tag}) as (url, server):
         proc = psutil.Process(server.pid)
@@ -116,7 +116,7 @@ def main() -> None:
     table = "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | images/s |\n|---:|---:|---:|---:|---:|---:|---:|\n"
     table += "\n".join(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
                        f"{r['p99_ms']:.0f} | {r['throughput_rps']:.1f} |" for r in rows)
-    library_after = library_rate(bentoml.models.get(tag).path, images)
+    library_after = library_rate(predictor, images)
     library = (library_before + library_after) / 2
     at16 = next((r for r in rows if r["concurrency"] == 16), None)
     table += (f"\n\nThe library (decode + model, batches of 16, no HTTP) in the same run: {library:.1f} images/s "

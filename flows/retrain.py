@@ -138,39 +138,39 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str = "d
         return {"status": "empty"}
     # images a killed run already copied: validated then, part of the dataset now (re-checking would call
     # them duplicates of themselves)
-    pending = [str(p) for p in (Path(s.path) for s in inbox_samples(root / inbox)) if content_copy(root, p).exists()]
-    verdict = check_inbox(str(root), inbox) if len(pending) < len(inbox_samples(root / inbox)) else \
-        {"accepted": [], "rejected": {}}
+    waiting = [Path(sample.path) for sample in inbox_samples(root / inbox)]
+    pending = [str(path) for path in waiting if content_copy(root, path).exists()]
+    verdict = check_inbox(str(root), inbox) if len(pending) < len(waiting) else {"accepted": [], "rejected": {}}
     rejected = {path: reasons for path, reasons in verdict["rejected"].items() if path not in pending}
     moved = quarantine(str(root), inbox, rejected, quarantine_dir)
     for path in moved:
         logger.warning("quarantined %s", path)
-    accepted = sorted(set(verdict["accepted"]) - set(pending)) + pending
+    fresh = sorted(set(verdict["accepted"]) - set(pending))
     if pending:
         logger.info("%d inbox images were added by an interrupted run: finishing it", len(pending))
-    if not accepted:
+    if not fresh + pending:
         return {"status": "all rejected", "quarantined": moved}
-    verdict = {"accepted": accepted}
     before = _champion(root)
     before_metrics = before["metrics"] if before else None
     head = _run(["git", "rev-parse", "HEAD"], root).strip()
-    there_before = {str(content_copy(root, Path(path))) for path in accepted if content_copy(root, Path(path)).exists()}
-    copies = add_to_dataset(str(root), accepted)
+    new_copies = add_to_dataset(str(root), fresh)  # the pending images' copies exist already
+    copies = new_copies + [str(content_copy(root, Path(path))) for path in pending]
     try:
         commit = version_data(str(root), len(copies), push)
         metrics = pipeline(str(root), stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
                            force=["prepare"])
     except Exception:
-        _roll_back(root, head, [c for c in copies if c not in there_before], logger)
+        _roll_back(root, head, new_copies, logger)
         raise
-    for path in verdict["accepted"]:
+    for path in fresh + pending:
         Path(path).unlink()
-    record = json.loads((root / load_params(root / "params.yaml")["outputs"]["export"]).read_text())
+    params = load_params(root / "params.yaml")
+    record = json.loads((root / params["outputs"]["export"]).read_text())
     create_markdown_artifact(
         key="vqflow-retrain", description="challenger vs champion",
         markdown=f"# Retraining: {len(copies)} new images, model {record['tag']} is **{record['role']}**\n\n"
                  + "; ".join(record["reasons"]) + "\n\n" + _comparison(before_metrics, metrics))
-    record_file = load_params(root / "params.yaml").get("outputs", {}).get("champions", "registry/champions.json")
+    record_file = params["outputs"].get("champions", "registry/champions.json")
     _run(["git", "add", "dvc.lock", *([record_file] if (root / record_file).is_file() else [])], root)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode:
         _run(["git", "commit", "-q", "-m", f"retrain: pipeline on data commit {commit[:8]} -> {record['role']}"], root)

@@ -190,3 +190,30 @@ def test_a_model_saved_before_the_layout_fields_loads_with_the_layout_it_was_tra
     assert loaded.config.flow_stages == [0, 1, 2] and loaded.config.pool and loaded.config.normalization == "image"
     feats = tiny_features(3, seed=2)
     assert torch.equal(model.predict(feats).scores, loaded.predict(feats).scores)
+
+
+def test_position_normalization_standardises_each_scale_with_the_training_statistics():
+    """The fitted per-position mean/std equal torch's over the training images' -log p maps (floored std), and
+    the image score is the top-k mean of sum_l upsample(z_l): both checked against a direct computation."""
+    from vqflow.models.anomaly_map import floored_std, top_k_score, upsample
+
+    model = _model(normalization="position")
+    batches = [tiny_features(4, seed=s) for s in (5, 6, 7)]
+    with torch.no_grad():
+        model.fit_statistics(batches)
+        maps = [torch.cat(parts) for parts in zip(*[model.log_p_maps(*_encoded(model, b)) for b in batches])]
+        for l, m in enumerate(maps):
+            nll = -m.double()
+            assert torch.allclose(getattr(model, f"nll_mean_{l}").double(), nll.mean(0), atol=1e-5)
+            expected_std = floored_std(nll.std(0, correction=0)).float()
+            assert torch.allclose(getattr(model, f"nll_std_{l}"), expected_std, atol=1e-5)
+        test = tiny_features(3, seed=9)
+        log_p = model.log_p_maps(*_encoded(model, test))
+        z = sum(upsample((-m - getattr(model, f"nll_mean_{l}")) / getattr(model, f"nll_std_{l}"), 32)
+                for l, m in enumerate(log_p))
+        assert torch.allclose(model.predict(test).scores, top_k_score(z, model.config.top_k), atol=1e-5)
+
+
+def _encoded(model, features):
+    zs, _, proto_q, _ = model.encode(features)
+    return zs, proto_q

@@ -17,7 +17,6 @@ EXIT_BAD_DATA = 1  # the data gate failed: fix the data, retrying cannot help
 EXIT_BAD_INPUT = 2  # bad params, missing or unreadable input files: permanent
 EXIT_FAILED = 70  # a bug or a model error (sysexits EX_SOFTWARE): permanent
 EXIT_TRANSIENT = 75  # I/O, network or storage trouble (sysexits EX_TEMPFAIL): worth retrying
-TRANSIENT = (ConnectionError, TimeoutError, InterruptedError, BlockingIOError)
 
 
 def stage(name: str):
@@ -153,11 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"vqflow {args.stage}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TRANSIENT + (OSError,) as exc:
-        print(f"vqflow {args.stage}: transient error, retry: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_TRANSIENT
     except Exception as exc:
-        if _is_transient_storage_error(exc):
+        # the OSErrors left after the input errors above: I/O, connection, timeout
+        if isinstance(exc, OSError) or _is_transient_storage_error(exc):
             print(f"vqflow {args.stage}: transient error, retry: {type(exc).__name__}: {exc}", file=sys.stderr)
             return EXIT_TRANSIENT
         import traceback

@@ -151,11 +151,11 @@ def publish_model(tag: str, destination: str) -> str:
     return bentoml.models.export_model(tag, destination if destination.endswith("/") else destination + "/")
 
 
-def export(model_dir: str | Path, metrics: dict, params: dict) -> dict:
-    """The export stage: store the model, promote it if allowed and not worse. Returns the decision record."""
+def _decide(tag: str, metrics: dict, params: dict, blocker: str | None, note: str = "") -> dict:
+    """The one promotion rule: ``tag`` becomes the champion unless it already is, it is worse than the champion,
+    or ``blocker`` says why not now. Returns the decision record (promoting when decided)."""
     p = params.get("export", {})
     record_path = params.get("outputs", {}).get("champions", DEFAULT_RECORD)
-    tag = import_bundle(ModelBundle(model_dir), metrics, params)
     current = champion(record_path)
     if current and current["tag"] == tag:
         return {"tag": tag, "role": "champion", "promote": False, "champion_tag": tag,
@@ -163,33 +163,28 @@ def export(model_dir: str | Path, metrics: dict, params: dict) -> dict:
     decision = compare(metrics, current["metrics"] if current else None, float(p.get("tolerance_mean", 0.005)),
                        float(p.get("tolerance_category", 0.01)))
     decision.champion_tag = current["tag"] if current else None
-    blocker = promotion_blocker(str(p.get("promote_branch", "main")))
     if blocker:
         decision = Decision(False, [*decision.reasons, f"not promoted: {blocker}"], decision.champion_tag)
     if decision.promote:
-        promote(tag, metrics, record_path, "; ".join(decision.reasons), str(p.get("publish", "") or ""))
+        promote(tag, metrics, record_path, note + "; ".join(decision.reasons), str(p.get("publish", "") or ""))
     return {"tag": tag, "role": "champion" if decision.promote else "challenger", **asdict(decision)}
+
+
+def export(model_dir: str | Path, metrics: dict, params: dict) -> dict:
+    """The export stage: store the model, promote it if allowed and not worse. Returns the decision record."""
+    tag = import_bundle(ModelBundle(model_dir), metrics, params)
+    blocker = promotion_blocker(str(params.get("export", {}).get("promote_branch", "main")))
+    return _decide(tag, metrics, params, blocker)
 
 
 def promote_explicitly(tag: str, params: dict) -> dict:
     """`vqflow promote TAG`: make a stored model the champion on purpose, if it is not worse (same rule)."""
-    p = params.get("export", {})
-    record_path = params.get("outputs", {}).get("champions", DEFAULT_RECORD)
     stored = _store_model(tag)
     if stored is None or not tag.startswith(MODEL_NAME + ":"):
         raise ValueError(f"promote: {tag!r} is not a {MODEL_NAME} model in the BentoML store "
                          f"(`bentoml models list {MODEL_NAME}` shows them)")
-    tag = str(stored.tag)
-    metrics = stored.info.metadata["metrics"]
-    current = champion(record_path)
-    if current and current["tag"] == tag:
-        return {"tag": tag, "role": "champion", "promote": False, "reasons": ["already the champion"],
-                "champion_tag": tag}
-    decision = compare(metrics, current["metrics"] if current else None, float(p.get("tolerance_mean", 0.005)),
-                       float(p.get("tolerance_category", 0.01)))
-    if not decision.promote:
-        raise ValueError(f"promote: {tag} is worse than the champion {current['tag']}: " + "; ".join(decision.reasons))
-    promote(tag, metrics, record_path, "explicit `vqflow promote`; " + "; ".join(decision.reasons),
-            str(p.get("publish", "") or ""))
-    return {"tag": tag, "role": "champion", "promote": True, "reasons": decision.reasons,
-            "champion_tag": current["tag"] if current else None}
+    record = _decide(str(stored.tag), stored.info.metadata["metrics"], params, None, "explicit `vqflow promote`; ")
+    if record["role"] != "champion":
+        raise ValueError(f"promote: {record['tag']} is worse than the champion {record['champion_tag']}: "
+                         + "; ".join(record["reasons"]))
+    return record

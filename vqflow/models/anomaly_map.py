@@ -38,6 +38,12 @@ def add_map(log_p: Sequence[torch.Tensor], size: int, references: Sequence[torch
     return len(log_p) - probs
 
 
+def floored_std(std: torch.Tensor) -> torch.Tensor:
+    """A per-position std with a floor (0.001 + 1 % of its mean): a position that hardly varied on the training
+    images must not turn noise into huge z values."""
+    return std.clamp_min(1e-3 + 1e-2 * float(std.mean()))
+
+
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian filter of maps (B, H, W), mirrored borders, truncated at 4 sigma: what
     ``scipy.ndimage.gaussian_filter(mode="mirror")`` computes, as two 1-D convolutions (66 instead of

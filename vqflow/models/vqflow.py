@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_model
-from .anomaly_map import add_map, log_map, top_k_score, upsample
+from .anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
 from .base import AnomalyModel, Prediction, StepOutput
 from .cadm import ConceptGaussian, gaussian_log_density, mixture_log_density, summed_log_density
 from .flows import FusionCoupling, parallel_flow
@@ -294,26 +294,26 @@ class VQFlow(AnomalyModel):
         if self.config.normalization == "image":
             return
         peak = torch.full_like(self.log_p_max, -torch.inf)
+        position = self.config.normalization == "position"
         count, sums, squares = 0, [0.0] * 3, [0.0] * 3
         for features in batches:
             zs, _, proto_q, _ = self.encode(features)
             log_p = self.log_p_maps(zs, proto_q)
             total = sum(upsample(m, self.config.image_size) for m in log_p)
             peak = torch.maximum(peak, torch.stack([m.amax() for m in log_p] + [total.amax()]))
-            for l, m in enumerate(log_p):
+            for l, m in enumerate(log_p if position else []):
                 nll = -m.double()
                 sums[l] = sums[l] + nll.sum(0)
                 squares[l] = squares[l] + (nll * nll).sum(0)
             count += len(zs[0])
         self.log_p_max.copy_(peak)
-        if self.config.normalization != "position":
+        if not position:
             return
         for l in range(3):
             mean = sums[l] / count
             std = (squares[l] / count - mean * mean).clamp_min(0).sqrt()
             getattr(self, f"nll_mean_{l}").copy_(mean)
-            # a floor keeps a position that never varied in training from turning noise into huge z
-            getattr(self, f"nll_std_{l}").copy_(std.clamp_min(1e-3 + 1e-2 * float(std.mean())))
+            getattr(self, f"nll_std_{l}").copy_(floored_std(std))
 
     def position_map(self, log_p: list[torch.Tensor]) -> torch.Tensor:
         """sum_l upsample((-log p_l - mean_l) / std_l): each scale in units of its own variation on normal images."""
