@@ -1,20 +1,17 @@
 """The pipeline as a Prefect flow: one task per DVC stage (`dvc repro --single-item`, which runs `vqflow <stage>`).
 
-Task results are cached on the stage's inputs as dvc.yaml declares them (the params sections it reads and
-the content of its dependencies); a stage whose outputs are missing always runs. A stage's exit code says
-what failed (vqflow.cli: 1 bad data, 2 bad params or input, 70 a bug, 75 transient I/O / network / storage);
-only transient failures are retried. Stage output reaches the run logs line by line, as it is printed.
+DVC is the only cache: `dvc repro` skips a stage whose dependencies, params and outputs match dvc.lock. (A second,
+Prefect-level result cache keyed on the inputs was removed: after the retrain flow rolls a checkout back, the
+outputs on disk are older than a result cached by the rolled-back run, and the stage must run again.)
+A stage's exit code says what failed (vqflow.cli: 1 bad data, 2 bad params or input, 70 a bug, 75 transient
+I/O / network / storage); only transient failures are retried. Stage output reaches the run logs line by line, as it is printed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -40,43 +37,6 @@ PERMANENT = (stages.DataValidationError, ParamsError, StageInputError, StageFail
              FileNotFoundError)
 
 
-def _digest(path: Path) -> str:
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    if path.is_dir():
-        h = hashlib.sha256()
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                h.update(f"{p.relative_to(path)}:{hashlib.sha256(p.read_bytes()).hexdigest()}".encode())
-        return h.hexdigest()
-    return "missing"
-
-
-def _lookup(params: dict, dotted: str) -> Any:
-    value: Any = params
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def _outs(spec: dict) -> list[str]:
-    items = spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", [])
-    return [next(iter(i)) if isinstance(i, dict) else i for i in items]
-
-
-def stage_cache_key(context, arguments: dict) -> str | None:
-    """sha256 of the stage's declared params and dependency contents; None (no cache) if an output is missing or
-    the stage is ``always_changed`` (export: its store is outside what the key can see)."""
-    stage, repo, params = arguments["stage"], Path(arguments["repo"]), arguments["params"]
-    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
-    if spec.get("always_changed") or any(not (repo / out).exists() for out in _outs(spec)):
-        return None
-    parts = {"stage": stage,
-             "params": {p: _lookup(params, p) for p in (spec.get("params") or [])},
-             "deps": {d: _digest(repo / d) for d in (spec.get("deps") or [])}}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _transient(task, task_run, state) -> bool:
     try:
         state.result()
@@ -87,9 +47,8 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_key_fn=stage_cache_key,
-      cache_expiration=timedelta(days=30), persist_result=True, task_run_name="{stage}")
-def run_stage(stage: str, repo: str, params: dict, force: bool = False) -> str:
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, task_run_name="{stage}")
+def run_stage(stage: str, repo: str, force: bool = False) -> str:
     """`dvc repro --single-item <stage>` in ``repo``: DVC records it in dvc.lock, the CLI runs `vqflow.stages`."""
     import re
     import subprocess
@@ -136,7 +95,7 @@ def pipeline(repo: str = ".", stages_to_run: list[str] | None = None, force: lis
     params = load_params(root / "params.yaml")
     selected = [s for s in STAGES if s in (stages_to_run or STAGES)]
     for stage in selected:
-        run_stage.with_options(refresh_cache=stage in (force or []))(stage, str(root), params, stage in (force or []))
+        run_stage(stage, str(root), stage in (force or []))
     return metrics_artifacts(root, params) if "evaluate" in selected else {}
 
 

@@ -1,18 +1,25 @@
 """Scheduled retraining: new normal images in the inbox -> validated -> versioned -> pipeline -> promotion.
 
-Nothing is lost when a step fails: inbox images are copied into the dataset under their content's name
-(sha256, so a repeated run is idempotent) and leave the inbox only after the pipeline succeeded; a failed run
-resets the checkout to the commit it started from (`git reset --hard` + `dvc checkout`, which works with DVC's
-autostage) and removes its copies, and the original error is raised. A run that was killed leaves its copies
-(and maybe its data commit): the next run recognises those inbox images by content, skips re-validating them
-against a dataset that already holds them, and finishes the job. The champion changes only through the export
-stage's not-worse rule. Run it in a checkout of its own: the reset discards uncommitted changes there.
+A run is a transaction on the checkout's branch B (e.g. main):
+1. recover: a branch ``vqflow-retrain/B`` left by a killed run means that run never finished; back to B
+   (`git checkout -f`, `git reset --hard`, `dvc checkout --force`); data/added is the flow's own folder: a file
+   there that B does not commit is a copy of an image still in the inbox, and is removed;
+2. inbox images already committed on B (a run killed after it landed) are published and leave the inbox;
+3. the rest are validated against the dataset (bad ones go to the quarantine with the reasons);
+4. on ``vqflow-retrain/B``: copy the accepted images to data/added under their content's name (sha256),
+   `dvc add` + commit, run the pipeline (the export stage promotes only if not worse), commit dvc.lock and the
+   champion record, `dvc push`;
+5. land: B is fast-forwarded to the transaction branch (`git update-ref` with the old value, atomic), `git push`;
+6. only now do the images leave the inbox.
+A failure in 4-5 returns to B as in 1 and raises the original error; a kill -9 anywhere leaves a state that 1-2 of
+the next run repair. Run it in a checkout of its own (one run at a time: prefect.yaml's concurrency limit).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,24 +28,85 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import pipeline
+from flows.pipeline import TransientStageError, pipeline
 from vqflow.config import load_params
 from vqflow.data.manifest import read_manifest
+from vqflow.registry import TRANSACTION_PREFIX
 from vqflow.validation import validate_inbox
 from vqflow.validation.inbox import inbox_samples
 
 ADDED = "data/added"  # prepare.sources holds {kind: normal_folder, root: data/added}
+IDENTITY = {"GIT_AUTHOR_NAME": "vqflow retrain", "GIT_AUTHOR_EMAIL": "vqflow-retrain@localhost",
+            "GIT_COMMITTER_NAME": "vqflow retrain", "GIT_COMMITTER_EMAIL": "vqflow-retrain@localhost"}
 
 
-def _run(command: list[str], cwd: Path) -> str:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+class CheckoutNotClean(RuntimeError):
+    """The retrain checkout has changes the flow did not make: it refuses to commit or discard them."""
+
+
+def _run(command: list[str], cwd: Path, transient: bool = False) -> str:
+    env = dict(os.environ)
+    if subprocess.run(["git", "config", "user.email"], cwd=cwd, capture_output=True).returncode:
+        env.update({k: v for k, v in IDENTITY.items() if k not in env})  # a fresh worker has no git identity
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip() or result.stdout.strip()}")
+        error = TransientStageError if transient else RuntimeError  # network: git push, dvc push
+        raise error(f"{' '.join(command)} failed: {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout
 
 
-def _dvc(root: Path, *args: str) -> str:
-    return _run([str(Path(sys.executable).parent / "dvc"), *args], root)
+def _git(root: Path, *args: str, transient: bool = False) -> str:
+    return _run(["git", *args], root, transient).strip()
+
+
+def _dvc(root: Path, *args: str, transient: bool = False) -> str:
+    return _run([str(Path(sys.executable).parent / "dvc"), *args], root, transient)
+
+
+def content_copy(root: Path, inbox_image: Path) -> Path:
+    """Where an inbox image lives in the dataset: data/added/<category>/<sha256 of its bytes><suffix>."""
+    digest = hashlib.sha256(inbox_image.read_bytes()).hexdigest()[:32]
+    return root / ADDED / inbox_image.parent.name / f"{digest}{inbox_image.suffix.lower()}"
+
+
+def committed_copies(root: Path) -> set[str]:
+    """Paths (relative to the repo) of the images data/added holds in the commit HEAD points to."""
+    from dvc.api import DVCFileSystem
+
+    if not (root / f"{ADDED}.dvc").is_file():
+        return set()
+    return set(DVCFileSystem(str(root), rev="HEAD").find(ADDED, detail=False))
+
+
+@task
+def recover(root: str) -> list[str]:
+    """Undo what a killed run left behind (see the module docstring); returns what was done."""
+    repo, done = Path(root), []
+    git_dir = repo / ".git"
+    for lock in [git_dir / "index.lock", git_dir / "HEAD.lock", *(git_dir / "refs").rglob("*.lock")]:
+        if lock.exists():  # a git command was killed; no other git process works here (one run at a time)
+            lock.unlink()
+            done.append(f"removed a stale {lock.relative_to(repo)}")
+    current = _git(repo, "rev-parse", "--abbrev-ref", "HEAD")
+    leftovers = _git(repo, "for-each-ref", "--format=%(refname:short)", f"refs/heads/{TRANSACTION_PREFIX}").split()
+    if current.startswith(TRANSACTION_PREFIX):
+        _git(repo, "checkout", "-q", "-f", current[len(TRANSACTION_PREFIX):])
+    if leftovers:
+        _git(repo, "reset", "-q", "--hard")
+        for branch in leftovers:
+            _git(repo, "branch", "-q", "-D", branch)
+        _dvc(repo, "checkout", "--force", "--quiet")
+        done.append(f"an interrupted run left {', '.join(leftovers)}: back to {_git(repo, 'rev-parse', '--short', 'HEAD')}")
+    committed = committed_copies(repo)
+    for path in sorted(p for p in (repo / ADDED).rglob("*") if p.is_file()) if (repo / ADDED).is_dir() else []:
+        if str(path.relative_to(repo)) not in committed:  # a copy of an image that is still in the inbox
+            path.unlink()
+            done.append(f"removed {path.relative_to(repo)}: copied by an interrupted run, not committed")
+    dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    if dirty:
+        raise CheckoutNotClean(f"the retrain checkout {repo} has uncommitted changes ({dirty.splitlines()[0]} ...):"
+                               " commit or discard them; the flow commits only its own work")
+    return done
 
 
 @task
@@ -51,65 +119,87 @@ def check_inbox(root: str, inbox: str) -> dict:
 
 
 @task
-def quarantine(root: str, inbox: str, rejected: dict[str, list[str]], folder: str) -> list[str]:
+def quarantine(root: str, rejected: dict[str, list[str]], folder: str) -> list[str]:
     """Move rejected images to ``folder/<category>/`` with a ``.reason.txt`` beside each."""
     moved = []
     for path, reasons in rejected.items():
         source = Path(path)
         target = Path(root) / folder / source.parent.name / source.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(source), target)
         target.with_name(target.name + ".reason.txt").write_text("\n".join(reasons) + "\n")
+        shutil.move(str(source), target)
         moved.append(str(target))
     return moved
 
 
-def content_copy(root: Path, inbox_image: Path) -> Path:
-    """Where an inbox image lives in the dataset: data/added/<category>/<sha256 of its bytes><suffix>."""
-    digest = hashlib.sha256(inbox_image.read_bytes()).hexdigest()[:32]
-    return root / ADDED / inbox_image.parent.name / f"{digest}{inbox_image.suffix.lower()}"
-
-
 @task
 def add_to_dataset(root: str, accepted: list[str]) -> list[str]:
-    """Copy accepted images to data/added/<category>/ under their content's name (the inbox keeps them until
-    the run succeeded); an image already there is not copied again."""
+    """Copy accepted images to data/added/<category>/ under their content's name (atomically; the inbox keeps
+    them until the run landed); an image already there is not copied again."""
     copies = []
     for path in accepted:
         target = content_copy(Path(root), Path(path))
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target.with_suffix(target.suffix + ".part"))
-            target.with_suffix(target.suffix + ".part").replace(target)
+            partial = target.with_name(f".{target.name}.part")
+            shutil.copy2(path, partial)
+            partial.replace(target)
         copies.append(str(target))
     return copies
 
 
 @task
-def version_data(root: str, count: int, push: bool) -> str:
-    """`dvc add data/added`, commit the pointer; push to the remote when one is configured. Returns the commit."""
+def version_data(root: str, count: int) -> str:
+    """`dvc add data/added` and commit the pointer; returns the commit."""
     repo = Path(root)
-    _dvc(repo, "add", ADDED)
-    _run(["git", "add", f"{ADDED}.dvc", "data/.gitignore"], repo)
-    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode:  # else: committed by a killed run
-        _run(["git", "commit", "-q", "-m", f"retrain: add {count} validated normal images"], repo)
-    if push and _dvc(repo, "remote", "list").strip():
-        _dvc(repo, "push")
-    return _run(["git", "rev-parse", "HEAD"], repo).strip()
+    _dvc(repo, "add", "--quiet", ADDED)
+    print(f"versioned {ADDED} ({count} new images)")
+    _git(repo, "add", f"{ADDED}.dvc", "data/.gitignore")
+    _git(repo, "commit", "-q", "-m", f"retrain: add {count} validated normal images")
+    commit = _git(repo, "rev-parse", "HEAD")
+    print(f"committed the data as {commit[:8]}")
+    return commit
 
 
-def _roll_back(root: Path, head: str, new_copies: list[str], logger) -> None:
-    """Back to ``head``: git state (autostaged files included), DVC outputs, and none of the copies this run made;
-    a problem here is logged, never raised over the error that caused the rollback."""
-    steps = [lambda: _run(["git", "reset", "-q", "--hard", head], root)]
-    steps += [lambda copy=copy: Path(copy).unlink(missing_ok=True) for copy in new_copies]
-    steps.append(lambda: _dvc(root, "checkout", "--force", "--quiet"))
-    for step in steps:
-        try:
-            step()
-        except Exception as exc:  # noqa: BLE001 - keep rolling back, report, let the original error surface
-            logger.error("rollback step failed: %s", exc)
-    logger.error("retraining failed: the checkout is back at %s, the inbox and the champion are unchanged", head[:8])
+def _remote(root: Path, branch: str) -> str | None:
+    configured = subprocess.run(["git", "config", f"branch.{branch}.remote"], cwd=root, capture_output=True, text=True)
+    remotes = _git(root, "remote").split()
+    return configured.stdout.strip() or ("origin" if "origin" in remotes else None)
+
+
+@task
+def publish(root: str, branch: str, data_only: bool = False) -> list[str]:
+    """`dvc push` (when a DVC remote is configured), then `git push` of ``branch`` (when it has a remote)."""
+    repo, done = Path(root), []
+    if _dvc(repo, "remote", "list").strip():
+        _dvc(repo, "push", "--quiet", transient=True)
+        done.append("dvc push")
+    remote = _remote(repo, branch)
+    if remote and not data_only:
+        _git(repo, "push", "-q", remote, f"{branch}:{branch}", transient=True)
+        done.append(f"git push {remote} {branch}")
+    return done
+
+
+def _land(root: Path, branch: str, start: str) -> str:
+    """Fast-forward ``branch`` from ``start`` to the transaction branch's commit and switch back to it."""
+    transaction, new = TRANSACTION_PREFIX + branch, _git(root, "rev-parse", "HEAD")
+    _git(root, "update-ref", f"refs/heads/{branch}", new, start)  # fails if branch moved: never a lost update
+    _git(root, "checkout", "-q", branch)
+    _git(root, "branch", "-q", "-D", transaction)
+    print(f"landed: {branch} is now {new[:8]}")
+    return new
+
+
+def _return_to(root: Path, branch: str, logger) -> None:
+    """After a failure: back to ``branch`` as recover() does; a problem here is logged, never raised over the error
+    that caused it."""
+    try:
+        _git(root, "checkout", "-q", "-f", branch)
+        recover.fn(str(root))
+    except Exception as exc:  # noqa: BLE001 - the original error must surface
+        logger.error("returning to %s failed (the next run retries it): %s", branch, exc)
+    logger.error("retraining failed: the checkout is back on %s, the inbox and the champion are unchanged", branch)
 
 
 def _champion(root: Path) -> dict | None:
@@ -128,53 +218,71 @@ def _comparison(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
+def _settle(root: Path, inbox_images: list[Path], branch: str, push: bool, logger) -> list[Path]:
+    """Inbox images whose copies are committed on ``branch`` (a run was killed after landing): publish, then
+    remove them from the inbox. Returns the images still waiting."""
+    committed = committed_copies(root)
+    settled = [p for p in inbox_images if str(content_copy(root, p).relative_to(root)) in committed]
+    if settled:
+        done = publish(str(root), branch) if push else []
+        for path in settled:
+            path.unlink()
+        logger.info("%d inbox images were already committed by an interrupted run (%s): removed from the inbox",
+                    len(settled), ", ".join(done) or "nothing to push")
+    return [p for p in inbox_images if p not in settled]
+
+
 @flow(name="vqflow-retrain", log_prints=True)
-def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str = "data/quarantine", push: bool = True) -> dict:
-    """Retrain when new normal images are waiting in ``inbox/<category>/``; promote only if not worse."""
+def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | None = None, push: bool = True) -> dict:
+    """Retrain when new normal images are waiting in ``inbox/<category>/`` (relative to ``repo`` or absolute);
+    promote only if not worse; with ``push``, publish the commits and data to the git and DVC remotes.
+    Rejected images go to ``quarantine_dir`` (default: ``quarantine`` beside the inbox)."""
     logger = get_run_logger()
     root = Path(repo).resolve()
-    if not inbox_samples(root / inbox):
-        logger.info("inbox %s is empty: nothing to do", root / inbox)
+    for note in recover(str(root)):
+        logger.warning(note)
+    branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch == "HEAD":
+        raise CheckoutNotClean(f"{root} is on a detached HEAD: retraining commits to a branch (check one out)")
+    waiting = _settle(root, [Path(s.path) for s in inbox_samples(root / inbox)], branch, push, logger)
+    if not waiting:
         return {"status": "empty"}
-    # images a killed run already copied: validated then, part of the dataset now (re-checking would call
-    # them duplicates of themselves)
-    waiting = [Path(sample.path) for sample in inbox_samples(root / inbox)]
-    pending = [str(path) for path in waiting if content_copy(root, path).exists()]
-    verdict = check_inbox(str(root), inbox) if len(pending) < len(waiting) else {"accepted": [], "rejected": {}}
-    rejected = {path: reasons for path, reasons in verdict["rejected"].items() if path not in pending}
-    moved = quarantine(str(root), inbox, rejected, quarantine_dir)
+    verdict = check_inbox(str(root), inbox)
+    moved = quarantine(str(root), verdict["rejected"], quarantine_dir or str((root / inbox).parent / "quarantine"))
     for path in moved:
         logger.warning("quarantined %s", path)
-    fresh = sorted(set(verdict["accepted"]) - set(pending))
-    if pending:
-        logger.info("%d inbox images were added by an interrupted run: finishing it", len(pending))
-    if not fresh + pending:
+    accepted = verdict["accepted"]
+    if not accepted:
         return {"status": "all rejected", "quarantined": moved}
     before = _champion(root)
-    before_metrics = before["metrics"] if before else None
-    head = _run(["git", "rev-parse", "HEAD"], root).strip()
-    new_copies = add_to_dataset(str(root), fresh)  # the pending images' copies exist already
-    copies = new_copies + [str(content_copy(root, Path(path))) for path in pending]
+    start = _git(root, "rev-parse", "HEAD")
+    _git(root, "checkout", "-q", "-b", TRANSACTION_PREFIX + branch)
     try:
-        commit = version_data(str(root), len(copies), push)
+        copies = add_to_dataset(str(root), accepted)
+        print(f"copied {len(copies)} images to {ADDED}")
+        data_commit = version_data(str(root), len(copies))
         metrics = pipeline(str(root), stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
                            force=["prepare"])
-    except Exception:
-        _roll_back(root, head, new_copies, logger)
+        params = load_params(root / "params.yaml")
+        record = json.loads((root / params["outputs"]["export"]).read_text())
+        record_file = params["outputs"].get("champions", "registry/champions.json")
+        _git(root, "add", "dvc.lock", *([record_file] if (root / record_file).is_file() else []))
+        _git(root, "commit", "-q", "--allow-empty", "-m",
+             f"retrain: pipeline on data commit {data_commit[:8]} -> {record['role']}")
+        if push:
+            publish(str(root), branch, data_only=True)  # the data and outputs are remote before any commit names them
+        _land(root, branch, start)
+    except BaseException:
+        _return_to(root, branch, logger)
         raise
-    for path in fresh + pending:
+    pushed = publish(str(root), branch) if push else []
+    for path in accepted:
         Path(path).unlink()
-    params = load_params(root / "params.yaml")
-    record = json.loads((root / params["outputs"]["export"]).read_text())
     create_markdown_artifact(
         key="vqflow-retrain", description="challenger vs champion",
         markdown=f"# Retraining: {len(copies)} new images, model {record['tag']} is **{record['role']}**\n\n"
-                 + "; ".join(record["reasons"]) + "\n\n" + _comparison(before_metrics, metrics))
-    record_file = params["outputs"].get("champions", "registry/champions.json")
-    _run(["git", "add", "dvc.lock", *([record_file] if (root / record_file).is_file() else [])], root)
-    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode:
-        _run(["git", "commit", "-q", "-m", f"retrain: pipeline on data commit {commit[:8]} -> {record['role']}"], root)
-    return {"status": record["role"], "tag": record["tag"], "added": copies, "quarantined": moved,
+                 + "; ".join(record["reasons"]) + "\n\n" + _comparison(before["metrics"] if before else None, metrics))
+    return {"status": record["role"], "tag": record["tag"], "added": copies, "quarantined": moved, "pushed": pushed,
             "champion_before": before["tag"] if before else None, "champion_after": (_champion(root) or {}).get("tag")}
 
 

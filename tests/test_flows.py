@@ -2,16 +2,14 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
-from tests.conftest import ROOT, tiny_params
+from tests.faults import new_normals, scratch_repo
 
 
 def _git(repo, *args):
@@ -25,19 +23,7 @@ def repo(tmp_path_factory):
     os.environ.update({"BENTOML_HOME": str(home / "bentoml"), "PREFECT_HOME": str(home / "prefect"),
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
-    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(ROOT / "vqflow", root / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))
-    params = tiny_params(Path("."))  # paths relative to the repo, as in the project's params.yaml
-    params["prepare"]["sources"] = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["sources"]  # the project's
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    _git(root, "init", "-q", "-b", "main")
-    _git(root, "config", "user.email", "ci@example.com")
-    _git(root, "config", "user.name", "ci")
-    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
-    shutil.copy(ROOT / ".dvc/config", root / ".dvc/config")  # the project's: autostage on, the S3 remote
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "project")
+    scratch_repo(root)
     return root
 
 
@@ -81,16 +67,7 @@ def test_an_experiment_never_changes_the_champion(repo):
 
 
 def _new_normals(repo, count, start):
-    from vqflow.data.synthetic import render_sample
-
-    (repo / "data/inbox/wood").mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image, _, _ = render_sample("wood", "train", start + i, size=64)
-        path = repo / f"data/inbox/wood/new_{start + i}.png"
-        Image.fromarray(image).save(path)
-        paths.append(path)
-    return paths
+    return new_normals(repo / "data/inbox", count, start)
 
 
 def test_retrain_validates_quarantines_versions_and_promotes_only_if_not_worse(repo):
@@ -118,22 +95,44 @@ def test_retrain_validates_quarantines_versions_and_promotes_only_if_not_worse(r
     assert champion(repo / "registry/champions.json")["tag"] == expected
 
 
-def test_a_killed_run_is_finished_by_the_next_one(repo):
-    """The state a kill -9 after the data commit leaves (copies committed, inbox full, no pipeline run): the next
-    run neither quarantines the images as duplicates of themselves nor adds them twice."""
-    from flows.retrain import add_to_dataset, content_copy, retrain, version_data
+def test_a_kill_9_anywhere_loses_duplicates_and_half_commits_nothing(repo):
+    """kill -9 of the flow's process group at 6 points of one retrain (each next run gets one point further, after
+    the recovery every run starts with), then at a 7th point after it landed on main (a complete run), then a run
+    that finds the landed images still in the inbox. bench/fault_injection.py: each point with a full second run."""
+    from flows.retrain import recover
+    from tests.faults import KILL_POINTS, check_invariants, committed_digests, digest, run_retrain
 
+    champion_before = json.loads((repo / "registry/champions.json").read_text())[-1]["tag"]
+    main_before = subprocess.run(["git", "rev-parse", "main"], cwd=repo, capture_output=True, text=True).stdout
     new = _new_normals(repo, 2, 700)
-    added_before = _added(repo)
-    names = [content_copy(repo, p).name for p in new]
-    add_to_dataset.fn(str(repo), [str(p) for p in new])
-    version_data.fn(str(repo), 2, False)
-    result = retrain(str(repo), push=False)
-    assert result["status"] in ("champion", "challenger"), result
-    assert _added(repo) == sorted(added_before + names)  # each exactly once
-    assert not any(p.exists() for p in new) and not (repo / "data/quarantine/wood/new_700.png").exists()
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
-    assert status == "", status
+    images = {digest(p): p.name for p in new}
+    for name, marker, delay in KILL_POINTS:
+        run = run_retrain(repo, marker, delay)
+        assert run.killed, f"{name}: the flow never printed {marker!r} (exit {run.returncode}):\n{run.output[-4000:]}"
+        recover.fn(str(repo))  # the first step of the next run, checked on its own
+        landed = name == "after landing"
+        problems = check_invariants(repo, images, repo / "data/inbox", champion_before, promoted_by_completed_run=landed)
+        assert not problems, f"killed {name}: {problems}"
+        main = subprocess.run(["git", "rev-parse", "main"], cwd=repo, capture_output=True, text=True).stdout
+        assert (main != main_before) == landed, f"killed {name}: main moved {main_before} -> {main}"
+    assert sorted(committed_digests(repo)) == sorted(committed_digests(repo, main_before.strip()) + list(images))
+    # the kill after landing may come before or after the inbox was cleaned (no push here: microseconds apart);
+    # the state it leaves at worst, made exactly: committed images still in the inbox
+    for path, content in zip(new, [committed_copy(repo, sha) for sha in images]):
+        path.write_bytes(content)
+    final = run_retrain(repo)
+    assert final.returncode == 0 and "already committed by an interrupted run" in final.output, final.output[-4000:]
+    assert "Running stage" not in final.output, "no second training for images main already holds"
+    assert not any(p.exists() for p in new)
+    assert not check_invariants(repo, images, repo / "data/inbox", champion_before, promoted_by_completed_run=True)
+    assert subprocess.run(["git", "rev-parse", "main"], cwd=repo, capture_output=True, text=True).stdout == main
+
+
+def committed_copy(repo, sha: str) -> bytes:
+    """The bytes of the image in data/added whose sha256 is ``sha``."""
+    from tests.faults import digest
+
+    return next(p.read_bytes() for p in (repo / "data/added").rglob("*") if p.is_file() and digest(p) == sha)
 
 
 def test_retrain_with_an_empty_inbox_does_nothing(repo):
@@ -168,26 +167,6 @@ def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
     assert tree == "", "the data commit was reverted"
 
 
-def test_stage_cache_key_follows_the_declared_inputs(tmp_path):
-    from flows.pipeline import stage_cache_key
-
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
-        "cmd": "vqflow train", "deps": ["data/features"], "params": ["train", "prepare.manifest"],
-        "outs": ["models/model"]}}}))
-    (tmp_path / "data/features").mkdir(parents=True)
-    (tmp_path / "data/features/a.bin").write_bytes(b"one")
-    params = {"train": {"lr": 1e-3}, "prepare": {"manifest": "m.csv", "seed": 0}, "evaluate": {"x": 1}}
-    args = {"stage": "train", "repo": str(tmp_path), "params": params}
-    assert stage_cache_key(None, args) is None, "no cached result while the output is missing"
-    (tmp_path / "models/model").mkdir(parents=True)
-    key = stage_cache_key(None, args)
-    assert key == stage_cache_key(None, args)
-    assert stage_cache_key(None, {**args, "params": {**params, "evaluate": {"x": 2}}}) == key  # not declared
-    assert stage_cache_key(None, {**args, "params": {**params, "train": {"lr": 2e-3}}}) != key
-    (tmp_path / "data/features/a.bin").write_bytes(b"two")
-    assert stage_cache_key(None, args) != key
-
-
 def test_only_transient_failures_are_retried():
     from prefect.states import Failed
 
@@ -215,7 +194,7 @@ def test_a_stage_is_retried_only_when_its_exit_code_says_transient(tmp_path, exi
 
     @flow
     def one_stage() -> tuple[bool, str, str]:
-        state = run_stage.with_options(retry_delay_seconds=0)("step", str(tmp_path), {}, False, return_state=True)
+        state = run_stage.with_options(retry_delay_seconds=0)("step", str(tmp_path), False, return_state=True)
         exc = state.result(raise_on_failure=False)
         return state.is_failed(), type(exc).__name__, str(exc)
 

@@ -11,6 +11,7 @@ from vqflow.data.cifar import read_cifar_semantic
 from vqflow.data.magnetic_tile import read_magnetic_tile
 from vqflow.data.manifest import assign_validation, build_manifest
 from vqflow.data.mvtec import read_mvtec
+from vqflow.data.sample import DatasetLayoutError
 from vqflow.data.visa import read_visa
 
 
@@ -41,6 +42,22 @@ def test_mvtec_missing_mask_is_named(tiny_dataset, tmp_path):
     (root / "chip" / "ground_truth" / "scratch" / "000_mask.png").unlink()
     with pytest.raises(FileNotFoundError, match="scratch/000.png: no ground-truth mask"):
         list(read_mvtec(root))
+
+
+def test_a_mask_of_no_image_fails_prepare_with_the_file_named(tiny_dataset, tmp_path):
+    import shutil
+
+    from vqflow import cli
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    shutil.copy(root / "chip/ground_truth/scratch/000_mask.png", root / "chip/ground_truth/scratch/017_mask.png")
+    with pytest.raises(DatasetLayoutError, match="chip/ground_truth/scratch/017_mask.png"):
+        list(read_mvtec(root))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"prepare:\n  sources: [{{kind: mvtec, root: {root}}}]\n  manifest: {tmp_path / 'm.csv'}\n")
+    assert cli.main(["--params", str(params), "prepare"]) == 1  # bad data (like the gate), not bad params
+    assert not (tmp_path / "m.csv").exists()
 
 
 def _png(path, value=128, size=(16, 16)):

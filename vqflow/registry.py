@@ -26,6 +26,9 @@ from .io import write_json
 
 MODEL_NAME = "vqflow-anomaly"
 DEFAULT_RECORD = "registry/champions.json"
+# The retrain flow works on ``<prefix><branch>`` and fast-forwards ``<branch>`` to it only when the whole run
+# succeeded: a run there promotes as if on ``<branch>`` (a failed run's promotion is reset with its branch).
+TRANSACTION_PREFIX = "vqflow-retrain/"
 COMPARED = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "mad")
 
 
@@ -90,7 +93,7 @@ def promotion_blocker(branch: str, watched: tuple[str, ...] = ("params.yaml", "d
     current = _git("rev-parse", "--abbrev-ref", "HEAD")
     if current is None:
         return "not a git repository: only a committed run promotes (or `vqflow promote TAG`)"
-    if current != branch:
+    if current not in (branch, TRANSACTION_PREFIX + branch):
         return f"on branch {current!r}: the export stage promotes only on {branch!r} (or `vqflow promote TAG`)"
     changed = _git("status", "--porcelain", "--", *[w for w in watched if Path(w).exists()])
     if changed:

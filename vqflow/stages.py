@@ -29,9 +29,13 @@ def prepare(params: dict) -> pd.DataFrame:
     """Read the configured sources and write the manifest (with the seeded validation split)."""
     from .data import read_sources
     from .data.manifest import build_manifest, write_manifest
+    from .data.sample import DatasetLayoutError
 
     p = section(params, "prepare", ("sources", "manifest"))
-    frame = build_manifest(read_sources(p["sources"]), float(p.get("val_fraction", 0.1)), int(p.get("seed", 0)))
+    try:
+        frame = build_manifest(read_sources(p["sources"]), float(p.get("val_fraction", 0.1)), int(p.get("seed", 0)))
+    except DatasetLayoutError as exc:  # bad data, not bad params: exit 1 like the gate
+        raise DataValidationError(str(exc)) from exc
     write_manifest(frame, p["manifest"])
     return frame
 

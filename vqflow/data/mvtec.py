@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .sample import GOOD, Sample, is_image
+from .sample import GOOD, DatasetLayoutError, Sample, is_image
 
 
 def mvtec_categories(root: str | Path) -> list[str]:
@@ -46,6 +46,7 @@ def read_mvtec(root: str | Path, categories: Iterable[str] | None = None) -> Ite
     if missing:
         raise FileNotFoundError(f"{root}: categories {missing} not found (available: {available})")
     for category in selected:
+        claimed: set[str] = set()
         for image in _images(root / category / "train" / GOOD):
             yield Sample(str(image), category, "train", 0)
         test_root = root / category / "test"
@@ -55,6 +56,19 @@ def read_mvtec(root: str | Path, categories: Iterable[str] | None = None) -> Ite
             defect = defect_dir.name
             for image in _images(defect_dir):
                 if defect == GOOD:  # a mask file for a normal image is reported (the gate fails it), not ignored
-                    yield Sample(str(image), category, "test", 0, mask_path=_optional_mask(root, category, image))
+                    sample = Sample(str(image), category, "test", 0, mask_path=_optional_mask(root, category, image))
                 else:
-                    yield Sample(str(image), category, "test", 1, defect, _mask_for(root, category, defect, image))
+                    sample = Sample(str(image), category, "test", 1, defect, _mask_for(root, category, defect, image))
+                claimed.add(sample.mask_path)
+                yield sample
+        _no_orphan_masks(root / category / "ground_truth", claimed)
+
+
+def _no_orphan_masks(ground_truth: Path, claimed: set[str]) -> None:
+    """A mask no test image claims means a renamed or deleted image, or a mask in the wrong defect folder."""
+    masks = sorted(p for p in ground_truth.rglob("*") if p.is_file() and is_image(p.name)) if ground_truth.is_dir() else []
+    orphans = [str(p) for p in masks if str(p) not in claimed]
+    if orphans:
+        raise DatasetLayoutError(
+            f"{len(orphans)} ground-truth masks belong to no test image (expected test/<defect>/<name>.png beside"
+            f" ground_truth/<defect>/<name>_mask.png): {', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''}")

@@ -23,5 +23,9 @@ class Sample:
     mask_path: str = ""
 
 
+class DatasetLayoutError(ValueError):
+    """A dataset folder holds files its layout cannot account for (e.g. a mask that belongs to no image)."""
+
+
 def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
