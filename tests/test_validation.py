@@ -129,8 +129,9 @@ def _mask_for_a_normal_image(root):
     return "normal_has_no_mask", root / "chip/test/good/000.png"
 
 
-FILE_CORRUPTIONS = [_grey_small_defect, _odd_size_in_category, _mask_for_a_normal_image,_corrupt_file, _mask_wrong_size, _mask_not_binary, _mask_empty, _leakage, _duplicate_in_split,
-                    _tiny_category, _black_image, _blurred_image, _too_small, _cmyk, _bad_category_name]
+FILE_CORRUPTIONS = [_grey_small_defect, _odd_size_in_category, _mask_for_a_normal_image, _corrupt_file,
+                    _mask_wrong_size, _mask_not_binary, _mask_empty, _leakage, _duplicate_in_split, _tiny_category,
+                    _black_image, _blurred_image, _too_small, _cmyk, _bad_category_name]
 
 
 @pytest.mark.parametrize("corrupt", FILE_CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
