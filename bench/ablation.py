@@ -55,6 +55,7 @@ def variant_params(base: dict, work: Path, name: str) -> dict:
     params["model"]["vqflow"] = {**params["model"]["vqflow"], **overrides}
     out = work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", name.replace("+", "plus ")).strip("_")
     params["outputs"] = {**params["outputs"], "model": str(out / "model"), "checkpoints": str(work / "checkpoints"),
+                         "timing": str(out / "timing.json"),
                          "train_log": str(out / "train_log.json"), "metrics": str(out / "metrics.json"),
                          "scores": str(out / "scores.csv"), "plots": str(out / "plots"), "report": str(out / "report.md")}
     return params
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     args = parser.parse_args()
 
-    from vqflow import stages
+    from vqflow import stages, timing
 
     work = ROOT / "bench/.work/ablation" / args.suite
     base = suite_params(yaml.safe_load((ROOT / "params.yaml").read_text()), args.suite, args.shared)
@@ -86,7 +87,7 @@ def main() -> None:
         metrics = stages.evaluate(params)
         results[name] = {"model": params["model"]["name"], "overrides": VARIANTS[name][1], **metrics["mean"],
                          "per_category": {c: v["image_auroc"] for c, v in metrics["per_category"].items()},
-                         "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"],
+                         "train_seconds": timing.read(params)["train"]["training_seconds"], "epochs": metrics["epochs"],
                          "wall_seconds": time.perf_counter() - started}
         print("   " + " ".join(f"{label} {100 * metrics['mean'][key]:.1f}" for key, label in METRICS), flush=True)
     lines = ["| variant | " + " | ".join(label for _, label in METRICS) + " | train s |",

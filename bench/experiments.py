@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, replace_readme_block, write_results  # noqa: E402
+from vqflow.timing import DEFAULT as DEFAULT_TIMING  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TIMING = ROOT / "bench/.work/timing"  # each experiment's metrics/timing.json, copied after its run
 MODELS = ["vqflow", "msflow", "cflow", "vitad", "padim"]
 METRICS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1max", "I-F1max"), ("pixel_auroc", "P-AUROC"),
            ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "AUPRO"), ("mad", "mAD")]
@@ -92,6 +95,9 @@ def run(suite: str, models: list[str], shared: str) -> None:
             sets = [arg for s in [f"model.name={model}", *suite_overrides(suite, shared)] for arg in ("-S", s)]
             print(f"== dvc exp run -n {name} {' '.join(sets)}", flush=True)
             dvc("exp", "run", "-n", name, *sets)
+            # wall-clock figures are not an output of the experiment (vqflow/timing.py): kept beside it
+            TIMING.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / DEFAULT_TIMING, TIMING / f"{name}.json")
     finally:
         subprocess.run(["git", "checkout", "--", *tracked], cwd=ROOT, check=True)
         # outputs of the committed lock may be missing from the cache (a lock older than the code): say so, go on
@@ -127,8 +133,9 @@ def table(suite: str, readme: Path) -> str:
         m = exp["metrics"]
         train_params = {**exp["params"]["train"], **exp["params"]["train"].get("per_model", {}).get(model, {})}
         train_params.pop("per_model", None)
+        timed = json.loads((TIMING / f"{suite}-{model}.json").read_text())
         record = {"experiment": f"{suite}-{model}", "rev": exp["rev"], "model": model, **m["mean"],
-                  "fps": m.get("fps"), "train_seconds": m.get("train_seconds"),
+                  "fps": timed["evaluate"]["fps"], "train_seconds": timed["train"]["training_seconds"],
                   "epochs": m.get("epochs", train_params["epochs"]),
                   "per_category": {c: v["image_auroc"] for c, v in m["per_category"].items()}}
         records.append(record)

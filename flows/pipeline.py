@@ -82,7 +82,9 @@ def metrics_artifacts(repo: Path, params: dict) -> dict:
     metrics = json.loads((repo / params["outputs"]["metrics"]).read_text())
     create_markdown_artifact(key="vqflow-metrics", markdown=f"# vqflow metrics ({metrics.get('model')})\n\n"
                              + metrics_markdown(metrics), description="test metrics per category (%)")
-    rows = [{"category": c, **{k: round(100 * v, 2) for k, v in m.items()}}
+    from vqflow.metrics import REPORTED
+
+    rows = [{"category": c, **{k: round(100 * m[k], 2) for k in REPORTED if k in m}}
             for c, m in list(metrics["per_category"].items()) + [("mean", metrics["mean"])]]
     create_table_artifact(key="vqflow-metrics-table", table=rows, description="test metrics per category (%)")
     return metrics

@@ -161,6 +161,20 @@ def version_data(root: str, count: int) -> str:
     return commit
 
 
+def git_kept_outputs(root: Path) -> list[str]:
+    """The outputs dvc.yaml keeps in git (``cache: false``: metrics, plot data, the champion record) that exist."""
+    import yaml
+
+    kept = []
+    for spec in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values():
+        for item in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []):
+            if isinstance(item, dict):
+                path, options = next(iter(item.items()))
+                if options and options.get("cache") is False and (root / path).exists():
+                    kept.append(path)
+    return kept
+
+
 def _remote(root: Path, branch: str) -> str | None:
     configured = subprocess.run(["git", "config", f"branch.{branch}.remote"], cwd=root, capture_output=True, text=True)
     remotes = _git(root, "remote").split()
@@ -265,8 +279,7 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
                            force=["prepare"])
         params = load_params(root / "params.yaml")
         record = json.loads((root / params["outputs"]["export"]).read_text())
-        record_file = params["outputs"].get("champions", "registry/champions.json")
-        _git(root, "add", "dvc.lock", *([record_file] if (root / record_file).is_file() else []))
+        _git(root, "add", "-A", "--", "dvc.lock", *git_kept_outputs(root))
         _git(root, "commit", "-q", "--allow-empty", "-m",
              f"retrain: pipeline on data commit {data_commit[:8]} -> {record['role']}")
         if push:

@@ -1,9 +1,14 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from tests.conftest import ROOT
 
@@ -35,20 +40,46 @@ def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     assert "wood" in result.stdout and "Feature cache: 9 images" in result.stdout
     assert "Model: vqflow trained on 3 images" in result.stdout
     metrics = json.loads((tmp_path / "metrics/metrics.json").read_text())
-    assert set(metrics["per_category"]) == {"wood"} and 0.0 <= metrics["mean"]["pixel_auroc"] <= 1.0
+    assert set(metrics["per_category"]) == {"wood"}
     assert [row["epoch"] for row in json.loads((tmp_path / "metrics/train_log.json").read_text())] == [1, 2]
     scores = (tmp_path / "metrics/scores.csv").read_text().splitlines()
     assert scores[0].startswith("image_id,category,label,defect_type,score,") and len(scores) == 1 + 5
+    table = pd.read_csv(tmp_path / "metrics/scores.csv")
+    assert metrics["mean"]["image_auroc"] == pytest.approx(roc_auc_score(table.label, table.score), abs=1e-9)
+    roc = pd.read_csv(tmp_path / "metrics/curves/roc/wood.csv")  # the data `dvc plots diff` draws
+    assert np.trapezoid(roc.tpr, roc.fpr) == pytest.approx(metrics["mean"]["image_auroc"], abs=1e-5)
+    histogram = sum(pd.read_csv(tmp_path / f"metrics/curves/histogram/wood_{k}.csv")["count"].sum()
+                    for k in ("normal", "defective"))
+    assert histogram == len(table)
     assert sorted(p.name for p in (tmp_path / "models/model").iterdir()) == [
         "backbone.safetensors", "config.json", "model.safetensors", "thresholds.json"]
     thresholds = json.loads((tmp_path / "models/model/thresholds.json").read_text())
     assert thresholds["categories"]["wood"]["val_images"] == 1
     assert set(metrics["at_threshold"]["wood"]) >= {"threshold", "precision", "recall", "f1", "oracle_f1max"}
-    assert metrics["fps"] > 0
+    timing = json.loads((tmp_path / "metrics/timing.json").read_text())
+    assert timing["evaluate"]["fps"] > 0 and len(timing["train"]["seconds_per_epoch"]) == 2
+    assert "fps" not in metrics and "seconds" not in (tmp_path / "models/model/config.json").read_text()
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert plots == ["gallery_wood.png", "metrics_per_category.png", "pr.png", "roc.png", "score_histograms.png"]
     report = (tmp_path / "reports/report.md").read_text()
     assert "| **mean** |" in report and "![gallery_wood](../plots/gallery_wood.png)" in report
+
+    # the same inputs give the same bytes (what makes dvc.lock a record of the code): train from scratch again
+    outputs = ["models/model", "metrics/metrics.json", "metrics/train_log.json", "metrics/scores.csv", "plots",
+               "metrics/curves", "reports/report.md"]
+    first = _digests(tmp_path, outputs)
+    shutil.rmtree(tmp_path / "data/checkpoints")
+    for stage in ("train", "evaluate"):
+        assert _vqflow(tmp_path, params, stage).returncode == 0
+    assert json.loads((tmp_path / "metrics/timing.json").read_text())["train"] != timing["train"], "trained again"
+    assert _digests(tmp_path, outputs) == first
+
+
+def _digests(root, outputs) -> dict[str, str]:
+    import hashlib
+
+    files = [f for o in outputs for f in ([root / o] if (root / o).is_file() else sorted((root / o).rglob("*")))]
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
 
 
 def test_bad_params_exit_non_zero_naming_the_field(tmp_path):
@@ -64,8 +95,6 @@ def test_bad_params_exit_non_zero_naming_the_field(tmp_path):
 def test_repository_holds_no_image_data():
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if listed.returncode != 0:
-        import pytest
-
         pytest.skip("not a git checkout")
     data_suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip", ".npy", ".npz", ".safetensors", ".pt", ".pth")
     offenders = [f for f in listed.stdout.splitlines() if f.lower().endswith(data_suffixes)]

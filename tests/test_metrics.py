@@ -4,7 +4,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from tests.reference import slow_aupro
-from vqflow.metrics import aupro, auroc, average_precision, evaluate_categories, f1_max
+from vqflow.metrics import METRICS, aupro, auroc, average_precision, evaluate_categories, f1_max
 
 
 def _random_case(seed, n=6, size=32, levels=None):
@@ -27,7 +27,7 @@ def _random_case(seed, n=6, size=32, levels=None):
 @pytest.mark.parametrize("seed,levels", [(0, None), (1, None), (2, 40), (3, 7)])
 def test_aupro_matches_the_slow_exact_reference(seed, levels):
     maps, masks = _random_case(seed, levels=levels)
-    assert abs(aupro(maps, masks) - slow_aupro(maps, masks)) < 1e-3
+    assert abs(aupro(maps, masks) - slow_aupro(maps, masks)) < 1e-9  # both exact
 
 
 def test_aupro_edge_cases():
@@ -85,9 +85,25 @@ def test_per_category_and_mean():
     categories = np.array(["a", "a", "a", "b", "b", "b"])
     result = evaluate_categories(categories, labels, scores, maps, masks)
     assert set(result["per_category"]) == {"a", "b"}
-    assert len(result["mean"]) == 8
+    assert len(result["mean"]) == 9  # seven metrics, mad and mad_count
     a, b = result["per_category"]["a"], result["per_category"]["b"]
     assert np.isnan(a["image_auroc"])  # category a has no normal image
     assert result["mean"]["image_auroc"] == b["image_auroc"]
     assert result["mean"]["pixel_aupro"] == pytest.approx((a["pixel_aupro"] + b["pixel_aupro"]) / 2)
-    assert a["mad"] == pytest.approx(np.nanmean([a[k] for k in a if k != "mad"]))
+    assert a["mad"] == pytest.approx(np.nanmean([a[k] for k in METRICS]))
+    assert a["mad_count"] == sum(np.isfinite(a[k]) for k in METRICS) < 7 and b["mad_count"] == 7
+
+
+def test_mad_averages_the_metrics_that_exist_and_says_how_many():
+    rng = np.random.default_rng(4)
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = rng.random(6) + labels
+    maps = rng.random((6, 8, 8))
+    no_masks = np.zeros((6, 8, 8), bool)  # semantic AD: no pixel ground truth, pixel metrics are NaN
+    result = evaluate_categories(np.array(["a"] * 6), labels, scores, maps, no_masks)["per_category"]["a"]
+    image = [roc_auc_score(labels, scores), average_precision_score(labels, scores), f1_max(labels, scores)[0]]
+    assert result["mad_count"] == 3 and np.isnan(result["pixel_auroc"])
+    assert result["mad"] == pytest.approx(np.mean(image), abs=1e-12)
+    masks = np.zeros((6, 8, 8), bool)
+    masks[labels == 1, 2:5, 2:5] = True
+    assert evaluate_categories(np.array(["a"] * 6), labels, scores, maps, masks)["per_category"]["a"]["mad_count"] == 7

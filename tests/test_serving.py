@@ -101,10 +101,15 @@ def test_other_image_modes_are_scored(server):
     path = sorted(Path(params["generate"]["root"]).rglob("train/good/*.png"))[0]
     rgb = Image.open(path)
     gray16 = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257))
+    from vqflow.inference import Predictor
+
+    predictor = Predictor(params["outputs"]["model"], device="cpu")
     for variant in (rgb.convert("L"), rgb.convert("RGBA"), gray16):
-        response = _post(url, "predict", _png(variant))
+        data = _png(variant)
+        response = _post(url, "predict", data)
         assert response.status_code == 200, (variant.mode, response.text)
-        assert response.json()["score"] >= 0
+        expected = predictor.predict([predictor.decode(data)])[0].score  # the library on the same bytes
+        assert response.json()["score"] == pytest.approx(expected, abs=1e-5), variant.mode
 
 
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server):

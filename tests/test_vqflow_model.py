@@ -148,9 +148,14 @@ def test_ablation_switches_train_and_predict(overrides):
     out.loss.backward()
     assert torch.isfinite(out.loss)
     model.eval()
-    pred = model.predict(tiny_features(3))
+    features = tiny_features(3)
+    pred = model.predict(features)
     assert pred.scores.shape == (3,) and pred.maps.shape == (3, 32, 32)
-    assert (pred.maps >= 0).all() and (pred.scores >= 0).all()
+    assert torch.isfinite(pred.maps).all() and torch.isfinite(pred.scores).all()
+    # an image's score and map do not depend on the images scored with it
+    alone = model.predict([f[1:2] for f in features])
+    torch.testing.assert_close(alone.scores, pred.scores[1:2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone.maps, pred.maps[1:2], atol=1e-5, rtol=1e-5)
 
 
 def test_invalid_switch_combination_is_named():

@@ -18,6 +18,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+REPORTED = (*METRICS, "mad")  # what tables show (in %); metrics.json also holds "mad_count"
 
 
 def _one_class(labels: np.ndarray) -> bool:
@@ -105,7 +106,10 @@ def category_metrics(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, m
         "pixel_aupro": aupro(maps, masks, max_fpr),
     }
     finite = [v for v in values.values() if np.isfinite(v)]
+    # mAD averages the metrics that exist (pixel metrics need masks; AUROC needs both classes): how many is
+    # reported beside it, so a mAD of 3 image metrics is never mistaken for one of 7
     values["mad"] = float(np.mean(finite)) if finite else float("nan")
+    values["mad_count"] = len(finite)
     return values
 
 

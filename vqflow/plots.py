@@ -1,6 +1,7 @@
 """The pictures of an evaluation: ROC and PR curves, metric bars, score histograms, a gallery of mistakes.
 
-All are static PNGs (DVC renders image plots in `dvc plots show/diff` HTML without any network access).
+The pictures are static PNGs (DVC renders image plots in `dvc plots show/diff` HTML without any network access).
+The same curves are also written as data (`curve_data`), which `dvc plots diff` draws with one line per commit.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from .data.images import image_to_array, load_image  # noqa: E402
-from .io import atomic_path  # noqa: E402
-from .metrics import METRICS  # noqa: E402
+from .io import atomic_dir, atomic_path  # noqa: E402
+from .metrics import REPORTED  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -49,10 +50,37 @@ def curves(test: pd.DataFrame, scores: np.ndarray, out_dir: Path) -> list[Path]:
     return [_save(fig_roc, out_dir / "roc.png"), _save(fig_pr, out_dir / "pr.png")]
 
 
+def curve_data(test: pd.DataFrame, scores: np.ndarray, metrics: dict, out_dir: Path, bins: int = 20) -> Path:
+    """CSV files DVC plots from: per category ``roc/<c>.csv`` (fpr, tpr), ``pr/<c>.csv`` (recall, precision),
+    ``histogram/<c>_normal.csv`` and ``<c>_defective.csv`` (score, count: bin centres over the category's
+    score range), and ``per_category.csv`` (category, each metric in %)."""
+    with atomic_dir(out_dir) as tmp:
+        for kind in ("roc", "pr", "histogram"):
+            (tmp / kind).mkdir()
+        for category, rows in test.groupby("category"):
+            labels, s = rows.label.to_numpy(), scores[rows.index.to_numpy()]
+            edges = np.linspace(s.min(), s.max() + 1e-9, bins + 1)
+            centres = (edges[:-1] + edges[1:]) / 2
+            for label, kind in ((0, "normal"), (1, "defective")):
+                counts = np.histogram(s[labels == label], edges)[0]
+                pd.DataFrame({"score": centres, "count": counts}).to_csv(
+                    tmp / "histogram" / f"{category}_{kind}.csv", index=False, float_format="%.6g")
+            if labels.min() == labels.max():
+                continue
+            fpr, tpr, _ = roc_curve(labels, s)
+            precision, recall, _ = precision_recall_curve(labels, s)
+            pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(tmp / "roc" / f"{category}.csv", index=False, float_format="%.6g")
+            pd.DataFrame({"recall": recall, "precision": precision}).to_csv(
+                tmp / "pr" / f"{category}.csv", index=False, float_format="%.6g")
+        pd.DataFrame([{"category": c, **{n: 100 * m[n] for n in REPORTED}} for c, m in metrics["per_category"].items()]
+                     ).to_csv(tmp / "per_category.csv", index=False, float_format="%.4f")
+    return out_dir
+
+
 def metric_bars(metrics: dict, out_path: Path) -> Path:
     """Per-category bar chart of the seven metrics (+ mAD)."""
     categories = list(metrics["per_category"])
-    names = list(METRICS) + ["mad"]
+    names = list(REPORTED)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(categories) + 3), 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):

@@ -8,6 +8,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import timing
+from .metrics import REPORTED
+
 
 def _console() -> Console:
     console = Console()
@@ -46,10 +49,11 @@ def print_summary(params: dict, console: Console | None = None) -> None:
     model_config = Path(outputs.get("model", "models/model")) / "config.json"
     if model_config.is_file():
         meta = json.loads(model_config.read_text())
+        timed = timing.read(params)
         console.print(
             f"Model: {meta['model']} trained on {meta.get('train_images', '?')} images for "
-            f"{meta.get('train', {}).get('epochs', '?')} epochs in {meta.get('train_seconds_total', 0):.0f} s "
-            f"-> {model_config.parent}"
+            f"{meta.get('train', {}).get('epochs', '?')} epochs in {timed.get('train', {}).get('seconds', float('nan')):.0f} s"
+            f", scores {timed.get('evaluate', {}).get('fps', float('nan')):.1f} images/s -> {model_config.parent}"
         )
     metrics_path = Path(outputs.get("metrics", "metrics/metrics.json"))
     if metrics_path.is_file():
@@ -59,7 +63,7 @@ def print_summary(params: dict, console: Console | None = None) -> None:
 def print_metrics(metrics: dict, console: Console | None = None) -> None:
     """Per-category metric table with the mean row last (values in percent)."""
     console = console or _console()
-    names = list(metrics["mean"].keys())
+    names = [n for n in REPORTED if n in metrics["mean"]]
     table = Table(title=f"Test metrics, model {metrics.get('model', '?')} (%)")
     table.add_column("category")
     for name in names:
@@ -76,7 +80,7 @@ def _pct(value: float) -> str:
 
 def metrics_markdown(metrics: dict) -> str:
     """The metric table (percent) as markdown: one row per category, the mean last."""
-    names = list(metrics["mean"].keys())
+    names = [n for n in REPORTED if n in metrics["mean"]]
     lines = ["| category | " + " | ".join(n.replace("_", " ") for n in names) + " |",
              "|---|" + "---:|" * len(names)]
     for category, values in list(metrics["per_category"].items()) + [("**mean**", metrics["mean"])]:
@@ -103,9 +107,10 @@ def write_report(params: dict, meta: dict, metrics: dict, manifest, plot_paths: 
     text = f"""# vqflow run report
 
 Model **{meta['model']}**, trained on {meta.get('train_images', '?')} normal images of all categories mixed
-in {meta.get('train_seconds_total', 0):.0f} s; backbone {meta.get('backbone', {}).get('name', '?')}
+for {meta.get('epochs', '?')} epochs; backbone {meta.get('backbone', {}).get('name', '?')}
 ({meta.get('backbone', {}).get('weights', '?')}) at {meta.get('backbone', {}).get('image_size', '?')} px.
-Inference: {metrics.get('fps', float('nan')):.1f} images/s (decode, backbone, flows and maps).
+Wall-clock figures (training seconds, images per second) are in `{timing.timing_path(params)}`, not here: this
+report, like every pipeline output, is the same file whenever the inputs are.
 
 ## Data
 

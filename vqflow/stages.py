@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import timing
 from .config import section
 
 
@@ -99,10 +100,11 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     # the extractor that made the cached features goes into the bundle, so serving needs no weights source
     ModelBundle.write(out["model"], model, name, config, thresholds, cache.spec.build(), extra={
         "backbone": cache.index["backbone"], "feature_cache_key": cache.index["key"],
-        "train": cfg.__dict__, "train_images": len(train_ids), "train_seconds": time.perf_counter() - started,
-        "epochs": cfg.epochs if model.trainable else 0,
-        "train_seconds_total": sum(row["seconds"] for row in history),
+        "train": cfg.__dict__, "train_images": len(train_ids), "epochs": cfg.epochs if model.trainable else 0,
     })
+    timing.record(params, "train", seconds=time.perf_counter() - started,
+                  training_seconds=sum(row.get("seconds", 0.0) for row in history),
+                  seconds_per_epoch=[row.get("seconds") for row in history])
     return Path(out["model"])
 
 
@@ -130,6 +132,7 @@ def evaluate(params: dict) -> dict:
     from .io import atomic_path, write_json
     from .metrics import evaluate_categories, f1_max
     from .bundle import ModelBundle
+    from .plots import curve_data
     from .report import write_report
     from .scoring import score_cached
     from .thresholds import decision_metrics, threshold_for
@@ -155,8 +158,6 @@ def evaluate(params: dict) -> dict:
         at["oracle_f1max"] = f1_max(labels[idx], scored.scores[idx])[0]
         decisions[category] = at
     metrics["at_threshold"] = decisions
-    metrics["fps"] = inference_fps(bundle, model, test, device)
-    metrics["train_seconds"] = meta.get("train_seconds_total")
     metrics["epochs"] = meta.get("epochs")
     metrics["model"] = meta["model"]
     write_json(out["metrics"], metrics)
@@ -168,7 +169,9 @@ def evaluate(params: dict) -> dict:
     with atomic_path(out["scores"]) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.8g")
     plot_paths = make_plots(test, scored, masks, metrics, thresholds, Path(out["plots"]))
+    curve_data(test, scored.scores, metrics, Path(params["outputs"].get("curves", "metrics/curves")))
     write_report(params, meta, metrics, manifest, plot_paths, out["report"])
+    timing.record(params, "evaluate", fps=inference_fps(bundle, model, test, device))
     return metrics
 
 
@@ -218,9 +221,10 @@ def validate(params: dict) -> "object":
     write_json(Path(p["docs"]) / "result.json", {"failures": [f.__dict__ for f in report.failures],
                                                    "gx_result": report.result})
     write_json(p["result"], {
-        "success": report.success, "seconds": round(time.perf_counter() - started, 2), "images": len(manifest),
+        "success": report.success, "images": len(manifest),
         "failed_checks": len(report.errors), "warnings": len(report.failures) - len(report.errors),
     })
+    timing.record(params, "validate", seconds=time.perf_counter() - started)
     if not report.success:
         lines = [f"  {f.check}: {f.count} rows - {f.reason}; e.g. {', '.join(f.files[:5]) or f.column}"
                  for f in report.errors]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -219,8 +218,9 @@ def train_model(
 
 
 def write_history(path: str | Path, history: list[dict]) -> None:
-    """The per-epoch log as a DVC plots file (a JSON list of rows)."""
-    write_json(path, history)
+    """The per-epoch log as a DVC plots file (a JSON list of rows), without the epochs' wall-clock seconds (the
+    train stage records those in the timing file: a pipeline output must not change between identical runs)."""
+    write_json(path, [{k: v for k, v in row.items() if k != "seconds"} for row in history])
 
 
 def config_dict(cfg: TrainConfig) -> dict:
