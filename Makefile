@@ -15,7 +15,7 @@ export PREFECT_HOME ?= $(CURDIR)/.home/prefect
 export BENTOML_HOME ?= $(CURDIR)/.home/bentoml
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install lock bench peer-env clean
+.PHONY: run test install lock bench peer-env clean review
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: vqflow needs Python 3.11"; exit 1; }
@@ -43,6 +43,16 @@ $(PEER)/.installed: bench/peer-requirements.txt bench/peer-constraints.txt
 peer-env: $(PEER)/.installed
 
 # Every benchmark (long: DVC experiments on default and real data, CIFAR-10, anomalib); results in bench/results/.
+# `dvc plots diff` against REV as HTML that renders offline (Vega from npm, copied beside the page):
+# make review REV=HEAD~1  ->  plots_diff/index.html
+REV ?= HEAD
+VEGA := .home/vega/node_modules
+review: $(STAMP)
+	test -f $(VEGA)/vega-embed/build/vega-embed.min.js || npm install --silent --prefix .home/vega vega@5 vega-lite@5 vega-embed@6
+	dvc plots diff $(REV) -o plots_diff --html-template review/plots.html
+	mkdir -p plots_diff/vega
+	cp $(VEGA)/vega/build/vega.min.js $(VEGA)/vega-lite/build/vega-lite.min.js $(VEGA)/vega-embed/build/vega-embed.min.js plots_diff/vega/
+
 bench: $(STAMP) $(PEER)/.installed
 	python bench/run_all.py
 

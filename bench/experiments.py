@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, replace_readme_block, write_results  # noqa: E402
-from vqflow.timing import DEFAULT as DEFAULT_TIMING  # noqa: E402
+from vqflow.config import load_params  # noqa: E402
+from vqflow.timing import timing_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ROOT / "bench/.work/timing"  # each experiment's metrics/timing.json, copied after its run
@@ -97,7 +98,7 @@ def run(suite: str, models: list[str], shared: str) -> None:
             dvc("exp", "run", "-n", name, *sets)
             # wall-clock figures are not an output of the experiment (vqflow/timing.py): kept beside it
             TIMING.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / DEFAULT_TIMING, TIMING / f"{name}.json")
+            shutil.copy(ROOT / timing_path(load_params(ROOT / "params.yaml")), TIMING / f"{name}.json")
     finally:
         subprocess.run(["git", "checkout", "--", *tracked], cwd=ROOT, check=True)
         # outputs of the committed lock may be missing from the cache (a lock older than the code): say so, go on

@@ -169,7 +169,7 @@ def evaluate(params: dict) -> dict:
     with atomic_path(out["scores"]) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.8g")
     plot_paths = make_plots(test, scored, masks, metrics, thresholds, Path(out["plots"]))
-    curve_data(test, scored.scores, metrics, Path(params["outputs"].get("curves", "metrics/curves")))
+    curve_data(test, scored.scores, metrics, Path(out.get("curves") or Path(out["metrics"]).parent / "curves"))
     write_report(params, meta, metrics, manifest, plot_paths, out["report"])
     timing.record(params, "evaluate", fps=inference_fps(bundle, model, test, device))
     return metrics

@@ -12,11 +12,10 @@ from pathlib import Path
 
 from .io import write_json
 
-DEFAULT = "metrics/timing.json"
-
-
 def timing_path(params: dict) -> Path:
-    return Path(params.get("outputs", {}).get("timing", DEFAULT))
+    """``outputs.timing``; without it, timing.json beside ``outputs.metrics``."""
+    outputs = params.get("outputs", {})
+    return Path(outputs.get("timing") or Path(outputs.get("metrics", "metrics/metrics.json")).parent / "timing.json")
 
 
 def record(params: dict, stage: str, **figures: float | list[float] | None) -> None:
