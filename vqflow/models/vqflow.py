@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import register_model
 from .anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
 from .base import AnomalyModel, Prediction, StepOutput
-from .cadm import ConceptGaussian, gaussian_log_density, mixture_log_density, summed_log_density
+from .cadm import ConceptGaussian, mixture_log_density, summed_log_density
 from .flows import FusionCoupling, parallel_flow
 from .layers import conv_bn, mlp_bn, positional_encoding_2d
 from .quantize import VectorQuantizer
