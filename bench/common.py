@@ -6,11 +6,9 @@ import json
 import os
 import re
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,15 +22,6 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "processor": platform.processor() or platform.machine(),
     }
-
-
-def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def write_results(name: str, payload: dict, table: str) -> Path:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_vqflow_model import TINY, tiny_features
+from tests.test_baselines import TINY_BY_MODEL
+from tests.test_vqflow_model import tiny_features
 from vqflow.models import create_model, make_config
 from vqflow.train import Checkpoint, TrainConfig, learning_rate, seed_everything, train_model
 
@@ -13,7 +14,7 @@ CFG = TrainConfig(epochs=4, batch_size=4, lr=1e-3, warmup_epochs=1, checkpoint_e
 
 def _fresh(name="vqflow"):
     seed_everything(CFG.seed)
-    return create_model(name, make_config(name, TINY))
+    return create_model(name, make_config(name, TINY_BY_MODEL[name]))
 
 
 def test_learning_rate_schedule():
@@ -44,7 +45,7 @@ def test_loss_curves_plot_every_trained_run_from_its_log(tmp_path):
     assert "vqflow-run" in text and "padim-run" not in text
 
 
-@pytest.mark.parametrize("name", ["vqflow", "msflow"])
+@pytest.mark.parametrize("name", ["vqflow", "msflow", "cflow", "vitad"])  # every model trained by gradient
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name):
     features = tiny_features(12)
     whole = _fresh(name)
