@@ -4,7 +4,8 @@ DVC is the only cache: `dvc repro` skips a stage whose dependencies, params and 
 Prefect-level result cache keyed on the inputs was removed: after the retrain flow rolls a checkout back, the
 outputs on disk are older than a result cached by the rolled-back run, and the stage must run again.)
 A stage's exit code says what failed (vqflow.cli: 1 bad data, 2 bad params or input, 70 a bug, 75 transient
-I/O / network / storage); only transient failures are retried. Stage output reaches the run logs line by line, as it is printed.
+I/O / network / storage); only transient failures are retried. Stage output reaches the run logs line by line,
+as it is printed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vqflow import stages
 from vqflow.config import ParamsError, load_params
+from vqflow.metrics import REPORTED
 
 STAGES = ("generate", "prepare", "validate", "features", "train", "evaluate", "export")
 
@@ -82,8 +84,6 @@ def metrics_artifacts(repo: Path, params: dict) -> dict:
     metrics = json.loads((repo / params["outputs"]["metrics"]).read_text())
     create_markdown_artifact(key="vqflow-metrics", markdown=f"# vqflow metrics ({metrics.get('model')})\n\n"
                              + metrics_markdown(metrics), description="test metrics per category (%)")
-    from vqflow.metrics import REPORTED
-
     rows = [{"category": c, **{k: round(100 * m[k], 2) for k in REPORTED if k in m}}
             for c, m in list(metrics["per_category"].items()) + [("mean", metrics["mean"])]]
     create_table_artifact(key="vqflow-metrics-table", table=rows, description="test metrics per category (%)")

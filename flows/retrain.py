@@ -17,6 +17,7 @@ the next run repair. Run it in a checkout of its own (one run at a time: prefect
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -44,11 +45,17 @@ class CheckoutNotClean(RuntimeError):
     """The retrain checkout has changes the flow did not make: it refuses to commit or discard them."""
 
 
-def _run(command: list[str], cwd: Path, transient: bool = False) -> str:
+@functools.cache
+def _environment(cwd: Path) -> dict[str, str]:
+    """The commands' environment: a fresh worker has no git identity, so commits get the flow's own."""
     env = dict(os.environ)
     if subprocess.run(["git", "config", "user.email"], cwd=cwd, capture_output=True).returncode:
-        env.update({k: v for k, v in IDENTITY.items() if k not in env})  # a fresh worker has no git identity
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+        env.update({k: v for k, v in IDENTITY.items() if k not in env})
+    return env
+
+
+def _run(command: list[str], cwd: Path, transient: bool = False) -> str:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=_environment(cwd))
     if result.returncode != 0:
         error = TransientStageError if transient else RuntimeError  # network: git push, dvc push
         raise error(f"{' '.join(command)} failed: {result.stderr.strip() or result.stdout.strip()}")
@@ -206,10 +213,9 @@ def _land(root: Path, branch: str, start: str) -> str:
 
 
 def _return_to(root: Path, branch: str, logger) -> None:
-    """After a failure: back to ``branch`` as recover() does; a problem here is logged, never raised over the error
+    """After a failure: back to ``branch`` by recover(); a problem here is logged, never raised over the error
     that caused it."""
     try:
-        _git(root, "checkout", "-q", "-f", branch)
         recover.fn(str(root))
     except Exception as exc:  # noqa: BLE001 - the original error must surface
         logger.error("returning to %s failed (the next run retries it): %s", branch, exc)

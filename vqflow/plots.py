@@ -29,16 +29,22 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def curves(test: pd.DataFrame, scores: np.ndarray, out_dir: Path) -> list[Path]:
-    """roc.png and pr.png: one line per category (image level)."""
-    fig_roc, ax_roc = plt.subplots(figsize=(5, 5))
-    fig_pr, ax_pr = plt.subplots(figsize=(5, 5))
+def _category_curves(test: pd.DataFrame, scores: np.ndarray):
+    """Per category with both classes: (category, fpr, tpr, precision, recall) of the image scores."""
     for category, rows in test.groupby("category"):
         labels, s = rows.label.to_numpy(), scores[rows.index.to_numpy()]
         if labels.min() == labels.max():
             continue
         fpr, tpr, _ = roc_curve(labels, s)
         precision, recall, _ = precision_recall_curve(labels, s)
+        yield category, fpr, tpr, precision, recall
+
+
+def curves(test: pd.DataFrame, scores: np.ndarray, out_dir: Path) -> list[Path]:
+    """roc.png and pr.png: one line per category (image level)."""
+    fig_roc, ax_roc = plt.subplots(figsize=(5, 5))
+    fig_pr, ax_pr = plt.subplots(figsize=(5, 5))
+    for category, fpr, tpr, precision, recall in _category_curves(test, scores):
         ax_roc.plot(fpr, tpr, label=category)
         ax_pr.plot(recall, precision, label=category)
     ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
@@ -65,10 +71,7 @@ def curve_data(test: pd.DataFrame, scores: np.ndarray, metrics: dict, out_dir: P
                 counts = np.histogram(s[labels == label], edges)[0]
                 pd.DataFrame({"score": centres, "count": counts}).to_csv(
                     tmp / "histogram" / f"{category}_{kind}.csv", index=False, float_format="%.6g")
-            if labels.min() == labels.max():
-                continue
-            fpr, tpr, _ = roc_curve(labels, s)
-            precision, recall, _ = precision_recall_curve(labels, s)
+        for category, fpr, tpr, precision, recall in _category_curves(test, scores):
             pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(tmp / "roc" / f"{category}.csv", index=False, float_format="%.6g")
             pd.DataFrame({"recall": recall, "precision": precision}).to_csv(
                 tmp / "pr" / f"{category}.csv", index=False, float_format="%.6g")
