@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import sys
 import time
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
 from bench.experiments import METRICS, suite_params  # noqa: E402
+from vqflow.io import read_json  # noqa: E402
 
 # name -> (model.name, overrides of model.vqflow): the published MSFlow, then VQ-Flow's parts added one by one
 # (paper Table 4), then each part's alternative
@@ -105,7 +105,7 @@ def main() -> None:
             "per row, thresholds on held-out normals; switches from params.yaml `model.vqflow` (rows name what is on).")
     from vqflow.plots import loss_curves
 
-    histories = {name: json.loads(Path(variant_params(base, work, name)["outputs"]["train_log"]).read_text())
+    histories = {name: read_json(Path(variant_params(base, work, name)["outputs"]["train_log"]))
                  for name in results}
     curves = loss_curves(histories, RESULTS / f"ablation_{args.suite}_loss.svg")
     note += f"\n\nTraining curves: [{curves.name}]({curves.name}) (flow NLL per latent dimension, per epoch)."

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_results  # noqa: E402
-from tests.reference import slow_aupro  # noqa: E402
+from vqflow.testing import slow_aupro  # noqa: E402
 from vqflow.metrics import aupro  # noqa: E402
 
 

@@ -21,11 +21,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import write_results  # noqa: E402
+from bench.common import registered_models, write_results  # noqa: E402
 
 SPLITS = {"01234": [0, 1, 2, 3, 4], "56789": [5, 6, 7, 8, 9], "02468": [0, 2, 4, 6, 8], "13579": [1, 3, 5, 7, 9]}
 PAPER_VQFLOW = {"01234": 83.8, "56789": 86.9, "02468": 92.3, "13579": 91.6}  # mean 88.6; UniAD mean 87.2
-MODELS = ["vqflow", "msflow", "cflow", "vitad"]
+MODELS = registered_models()
 
 
 def split_params(base: dict, work: Path, shared: Path, normal: list[int], args) -> dict:
@@ -61,7 +61,7 @@ def run_split(base: dict, work: Path, shared: Path, normal: list[int], models: l
     from sklearn.metrics import roc_auc_score
 
     from vqflow import stages
-    from vqflow.models import load_model
+    from vqflow.bundle import load_model
     from vqflow.scoring import score_cached
 
     params = split_params(base, work, shared, normal, args)

@@ -15,6 +15,13 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def registered_models() -> list[str]:
+    """Every model of the registry, VQ-Flow first (the tables compare the others with it)."""
+    from vqflow.models import available_models
+
+    return sorted(available_models(), key=lambda name: (name != "vqflow", name))
+
+
 def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {

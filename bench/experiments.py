@@ -19,13 +19,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, replace_readme_block, write_results  # noqa: E402
+from bench.common import machine, registered_models, replace_readme_block, write_results  # noqa: E402
 from vqflow.config import load_params  # noqa: E402
+from vqflow.io import read_json  # noqa: E402
 from vqflow.timing import timing_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ROOT / "bench/.work/timing"  # each experiment's metrics/timing.json, copied after its run
-MODELS = ["vqflow", "msflow", "cflow", "vitad", "padim"]
+MODELS = registered_models()
 METRICS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1max", "I-F1max"), ("pixel_auroc", "P-AUROC"),
            ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "AUPRO"), ("mad", "mAD")]
 
@@ -134,7 +135,7 @@ def table(suite: str, readme: Path) -> str:
         m = exp["metrics"]
         train_params = {**exp["params"]["train"], **exp["params"]["train"].get("per_model", {}).get(model, {})}
         train_params.pop("per_model", None)
-        timed = json.loads((TIMING / f"{suite}-{model}.json").read_text())
+        timed = read_json(TIMING / f"{suite}-{model}.json")
         record = {"experiment": f"{suite}-{model}", "rev": exp["rev"], "model": model, **m["mean"],
                   "fps": timed["evaluate"]["fps"], "train_seconds": timed["train"]["training_seconds"],
                   "epochs": m.get("epochs", train_params["epochs"]),

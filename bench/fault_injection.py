@@ -1,14 +1,15 @@
-"""kill -9 of the retrain flow at each point of tests/faults.py, each followed by a complete second run.
+"""kill -9 of the retrain flow at each point of flows/faults.py, each followed by a complete second run.
 
 One scratch repository (the project's dvc.yaml, code and .dvc/config with autostage on; tiny params) gets a first
 pipeline run for a champion; then, per kill point: two new normal images into the inbox, a retrain run whose
 whole process group is SIGKILLed when it reaches the point, a second run that must succeed, and the checks of
-tests/faults.check_invariants (no image lost or duplicated, data/added as main commits it, git status clean,
+flows/faults.check_invariants (no image lost or duplicated, data/added as main commits it, git status clean,
 on main, the champion changed only by a completed run). Writes bench/results/fault_injection.{json,md}.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -19,11 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import write_results  # noqa: E402
-from tests.faults import KILL_POINTS, check_invariants, digest, new_normals, run_retrain, scratch_repo  # noqa: E402
+from flows.faults import KILL_POINTS, check_invariants, digest, new_normals, run_retrain, scratch_repo  # noqa: E402
+from vqflow.io import read_json  # noqa: E402
 
 
 def _champion(repo: Path) -> str:
-    return json.loads((repo / "registry/champions.json").read_text())[-1]["tag"]
+    return read_json(repo / "registry/champions.json")[-1]["tag"]
 
 
 def _champion_on_main(repo: Path) -> str:
@@ -33,6 +35,7 @@ def _champion_on_main(repo: Path) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     work = Path(tempfile.mkdtemp(prefix="vqflow-faults-"))
     os.environ.update({"BENTOML_HOME": str(work / "bentoml"), "PREFECT_HOME": str(work / "prefect"),
                        "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",

@@ -42,7 +42,7 @@ def measure(params: dict, repeats: int, models: list[str], scores_out: Path | No
     import torch
 
     from vqflow.features import BackboneSpec, load_batch
-    from vqflow.models import load_model
+    from vqflow.bundle import load_model
 
     manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
     test = manifest[manifest.split == "test"]
@@ -112,7 +112,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--models", nargs="+", default=["vqflow", "msflow", "cflow", "vitad"])
+    parser.add_argument("--models", nargs="+", help="default: every registered model")
     parser.add_argument("--baseline-rev", help="also measure the library of this commit and compare the scores")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="model knobs (a baseline uses its own)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -127,7 +127,9 @@ def main() -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from bench.common import write_results
+    from bench.common import registered_models, write_results
+
+    args.models = args.models or registered_models()
 
     current_scores = Path(tempfile.mkdtemp()) / "scores.npy"
     current = measure(params, args.repeats, args.models, current_scores)

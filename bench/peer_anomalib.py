@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from bench.common import write_results  # noqa: E402
 from vqflow.backbones import load_state, packaged_state_dict  # noqa: E402  (torch + timm only)
+from vqflow.io import read_json  # noqa: E402
 
 BACKBONE = "tf_efficientnet_lite0"
 
@@ -171,7 +172,7 @@ def main() -> None:
                         help="keep the anomalib runs of the last results file (they do not depend on vqflow's code) "
                              "and rebuild the table with our current experiments")
     args = parser.parse_args()
-    previous = RESULTS_JSON.is_file() and json.loads(RESULTS_JSON.read_text())
+    previous = RESULTS_JSON.is_file() and read_json(RESULTS_JSON)
     if args.table_only:
         if not previous:
             raise SystemExit(f"{RESULTS_JSON}: no earlier anomalib run to reuse; run without --table-only")
@@ -188,7 +189,7 @@ def main() -> None:
             peers[name] = run_peer(name, manifest, epochs, ROOT / "bench/.work/peer")
             print(json.dumps(peers[name]["mean"]), flush=True)
     ours_path = ROOT / "bench/results/experiments_default.json"
-    ours = json.loads(ours_path.read_text())["experiments"] if ours_path.is_file() else []
+    ours = read_json(ours_path)["experiments"] if ours_path.is_file() else []
     lines = ["| implementation | model | epochs | train s (s/epoch) | inference images/s | image AUROC | pixel AUROC | pixel AP "
              "| AUPRO | mAD |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ["vqflow", "msflow", "cflow", "vitad"]
 
 
 def _peak_mib() -> float:
@@ -76,7 +75,7 @@ def bench_metrics(params: dict, repeats: int) -> dict:
     from vqflow import stages
     from vqflow.data.images import load_mask, resize_mask
     from vqflow.metrics import evaluate_categories
-    from vqflow.models import load_model
+    from vqflow.bundle import load_model
     from vqflow.scoring import score_cached
 
     manifest, cache = stages._manifest_and_cache(params)
@@ -110,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per model (after one warm-up epoch)")
-    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--models", nargs="+", help="default: every registered model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -118,7 +117,9 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from bench.common import write_results
+    from bench.common import registered_models, write_results
+
+    args.models = args.models or registered_models()
 
     def run(part: str) -> dict:
         print(f"-- {part}", flush=True)

@@ -30,7 +30,7 @@ STEPS = {
     "score-rules-real": ([sys.executable, "bench/score_rules.py", "--suite", "real", "--experiment", "real-vqflow"],
                          "score_rules_real", "Image score rules on one trained VQ-Flow (real data)"),
     "pipeline": ([sys.executable, "bench/pipeline.py"], "pipeline", "Feature extraction, training and metrics"),
-    "inference": ([sys.executable, "bench/inference.py", "--models", "vqflow", "msflow", "cflow", "vitad", "padim"], "inference",
+    "inference": ([sys.executable, "bench/inference.py"], "inference",
                   "Inference speed (256 px, EfficientNet-Lite0)"),
     "aupro": ([sys.executable, "bench/aupro.py"], "aupro", "AUPRO: ours vs. the slow exact reference"),
     "service": ([sys.executable, "bench/service_load.py"], "service_load", "`bentoml serve` under load"),

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench.ablation import variant_params  # noqa: E402
 from bench.common import replace_readme_block, write_results  # noqa: E402
 from bench.experiments import suite_params  # noqa: E402
+from vqflow.bundle import CONFIG  # noqa: E402
 
 FULL_MODEL = "+CPC+CADM+CSPC = vqflow"
 
@@ -68,7 +69,7 @@ def main() -> None:
     base["prepare"]["manifest"] = str(work / "manifest.csv")
     base["features"]["cache"] = str(work / "features")
     model_dir = Path(variant_params(base, work, FULL_MODEL)["outputs"]["model"])
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / CONFIG).is_file():
         raise SystemExit(f"{model_dir}: no trained model; run `python bench/ablation.py --suite {args.suite}` first")
     write_table(args.suite, *score_table(args.suite, base, model_dir, "the ablation's full VQ-Flow"))
 
@@ -77,7 +78,7 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     """(results per rule, markdown table, source) of the model in ``model_dir`` on the suite's test split."""
     from vqflow import stages
     from vqflow.metrics import auroc
-    from vqflow.models import load_model
+    from vqflow.bundle import load_model
     from vqflow.models.anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
 
     manifest, cache = stages._manifest_and_cache(params)

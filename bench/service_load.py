@@ -20,7 +20,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import write_results  # noqa: E402
-from tests.servers import bentoml_server  # noqa: E402
+from vqflow.testing import bentoml_server  # noqa: E402
 
 
 def _tree_rss(proc: psutil.Process) -> int:

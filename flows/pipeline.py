@@ -10,7 +10,6 @@ as it is printed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -18,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vqflow import stages
 from vqflow.config import ParamsError, load_params
+from vqflow.io import read_json
 from vqflow.metrics import REPORTED
 
 STAGES = ("generate", "prepare", "validate", "features", "train", "evaluate", "export")
@@ -81,7 +81,7 @@ def metrics_artifacts(repo: Path, params: dict) -> dict:
     """Markdown + table artifacts of the evaluation metrics; returns the metrics."""
     from vqflow.report import metrics_markdown
 
-    metrics = json.loads((repo / params["outputs"]["metrics"]).read_text())
+    metrics = read_json(repo / params["outputs"]["metrics"])
     create_markdown_artifact(key="vqflow-metrics", markdown=f"# vqflow metrics ({metrics.get('model')})\n\n"
                              + metrics_markdown(metrics), description="test metrics per category (%)")
     rows = [{"category": c, **{k: round(100 * m[k], 2) for k in REPORTED if k in m}}

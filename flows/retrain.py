@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -32,7 +31,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.pipeline import TransientStageError, pipeline
 from vqflow.config import load_params
 from vqflow.data.manifest import read_manifest
-from vqflow.registry import TRANSACTION_PREFIX
+from vqflow.io import read_json
+from vqflow.model_store import TRANSACTION_PREFIX
 from vqflow.validation import validate_inbox
 from vqflow.validation.inbox import inbox_samples
 
@@ -223,7 +223,7 @@ def _return_to(root: Path, branch: str, logger) -> None:
 
 
 def _champion(root: Path) -> dict | None:
-    from vqflow.registry import DEFAULT_RECORD, champion
+    from vqflow.model_store import DEFAULT_RECORD, champion
 
     return champion(root / load_params(root / "params.yaml").get("outputs", {}).get("champions", DEFAULT_RECORD))
 
@@ -284,7 +284,7 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
         metrics = pipeline(str(root), stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
                            force=["prepare"])
         params = load_params(root / "params.yaml")
-        record = json.loads((root / params["outputs"]["export"]).read_text())
+        record = read_json(root / params["outputs"]["export"])
         _git(root, "add", "-A", "--", "dvc.lock", *git_kept_outputs(root))
         _git(root, "commit", "-q", "--allow-empty", "-m",
              f"retrain: pipeline on data commit {data_commit[:8]} -> {record['role']}")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from vqflow.testing import tiny_params  # noqa: F401  (tests import it from here too)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VQFLOW_SHARED", ROOT.parent / "shared")).resolve()
 SHARED_DATA = SHARED / "data"
@@ -33,30 +35,6 @@ def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "synthetic"
     return generate(root, ["fabric", "chip"], train_per_category=6, test_good_per_category=2, test_per_defect=1,
                     size=64, seed=3, progress=False)
-
-
-def tiny_params(root: Path) -> dict:
-    """params for a complete tiny pipeline run inside ``root`` (64 px, small vqflow, 2 epochs)."""
-    return {
-        "generate": {"root": str(root / "data/synthetic"), "categories": ["wood", "chip"], "train_per_category": 8,
-                     "test_good_per_category": 2, "test_per_defect": 1, "size": 64, "seed": 0},
-        "prepare": {"sources": [{"kind": "mvtec", "root": str(root / "data/synthetic")}], "val_fraction": 0.25,
-                    "seed": 0, "manifest": str(root / "data/manifest.csv")},
-        "validate": {"min_train_per_category": 3, "min_test_per_category": 2, "result": str(root / "metrics/validation.json"),
-                     "docs": str(root / "reports/validation")},
-        "features": {"backbone": "tf_efficientnet_lite0", "weights": "packaged", "image_size": 64,
-                     "cache": str(root / "data/features"), "shard_size": 8},
-        "model": {"name": "vqflow", "vqflow": {"embed_dim": 8, "pe_channels": 4, "num_prototypes": 2, "num_patterns": 8,
-                  "flow_blocks": [1, 1, 1]}},
-        "train": {"epochs": 2, "batch_size": 4, "checkpoint_every": 1, "init_images": 8},
-        "thresholds": {"target_frr": 0.01, "pixel_fpr": 0.005},
-        "evaluate": {"batch_size": 4},
-        "export": {"tolerance_mean": 0.005, "tolerance_category": 0.01},
-        "outputs": {k: str(root / v) for k, v in {
-            "model": "models/model", "checkpoints": "data/checkpoints", "train_log": "metrics/train_log.json",
-            "metrics": "metrics/metrics.json", "scores": "metrics/scores.csv", "plots": "plots",
-            "report": "reports/report.md", "export": "metrics/export.json"}.items()},
-    }
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ from scipy import ndimage
 from torch.distributions import Normal
 
 from tests.test_vqflow_model import TINY, _randomize, tiny_features
-from vqflow.models import available_models, create_model, load_model, make_config, save_model
+from vqflow.bundle import load_model, save_model
+from vqflow.models import available_models, create_model, make_config
 from vqflow.models.cflow import conditional_decoder, per_dim_log_likelihood
 from vqflow.models.layers import positional_encoding_2d
 from vqflow.train import TrainConfig, seed_everything, train_model

@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from tests.conftest import ROOT
-from tests.servers import bentoml_server, moto_s3, s3_env
+from vqflow.testing import bentoml_server, moto_s3, s3_env
 
 BIN = Path(sys.executable).parent
 PIPELINE_TOOLS = ("dvc", "prefect", "great-expectations", "great_expectations", "moto", "pytest")

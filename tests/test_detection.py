@@ -50,7 +50,7 @@ def test_a_uniform_likelihood_drop_raises_the_image_score():
 
 def test_the_trained_model_scores_globally_less_likely_features_higher(detection_project):
     from vqflow import stages
-    from vqflow.models import load_model
+    from vqflow.bundle import load_model
 
     params, _ = detection_project
     manifest, cache = stages._manifest_and_cache(params)

@@ -9,7 +9,7 @@ from pathlib import Path
 import boto3
 
 from tests.conftest import ROOT
-from tests.servers import moto_s3, s3_env
+from vqflow.testing import moto_s3, s3_env
 
 DVC = str(Path(sys.executable).parent / "dvc")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.faults import new_normals, scratch_repo
+from flows.faults import new_normals, scratch_repo
 
 
 def _git(repo, *args):
@@ -77,7 +77,7 @@ def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9_anywhere(re
     lost, duplicated or half-committed, the corrupt image is quarantined with its reason, the model is promoted
     only if not worse. bench/fault_injection.py: each kill point followed by a full second run."""
     from flows.retrain import recover
-    from tests.faults import KILL_POINTS, check_invariants, committed_digests, digest, run_retrain
+    from flows.faults import KILL_POINTS, check_invariants, committed_digests, digest, run_retrain
 
     champion_before = json.loads((repo / "registry/champions.json").read_text())[-1]["tag"]
     main_before = subprocess.run(["git", "rev-parse", "main"], cwd=repo, capture_output=True, text=True).stdout
@@ -116,7 +116,7 @@ def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9_anywhere(re
 
 def committed_copy(repo, sha: str) -> bytes:
     """The bytes of the image in data/added whose sha256 is ``sha``."""
-    from tests.faults import digest
+    from flows.faults import digest
 
     return next(p.read_bytes() for p in (repo / "data/added").rglob("*") if p.is_file() and digest(p) == sha)
 
@@ -131,7 +131,7 @@ def test_retrain_with_an_empty_inbox_does_nothing(repo):
 
 def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
     from flows.retrain import retrain
-    from vqflow.registry import champion
+    from vqflow.model_store import champion
 
     champion_before = champion(repo / "registry/champions.json")["tag"]
     params = yaml.safe_load((repo / "params.yaml").read_text())

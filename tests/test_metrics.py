@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tests.reference import slow_aupro
+from vqflow.testing import slow_aupro
 from vqflow.metrics import METRICS, aupro, auroc, average_precision, evaluate_categories, f1_max
 
 

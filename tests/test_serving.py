@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.servers import bentoml_server
+from vqflow.testing import bentoml_server
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import requests
 import yaml
 
 from tests.conftest import tiny_params
-from tests.servers import bentoml_server
+from vqflow.testing import bentoml_server
 
 TINY_SECTIONS = {
     "cflow": {"coupling_blocks": 2, "pe_channels": 16, "chunk_size": 64},

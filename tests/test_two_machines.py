@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import ROOT, tiny_params
-from tests.servers import free_port, moto_s3, s3_env, wait_http
+from vqflow.testing import free_port, moto_s3, s3_env, wait_http
 
 BIN = Path(sys.executable).parent
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from vqflow.models import create_model, load_model, make_config, save_model
+from vqflow.bundle import load_model, save_model
+from vqflow.models import create_model, make_config
 from vqflow.models.cadm import gaussian_log_density, mixture_log_density, summed_log_density
 from vqflow.models.flows import FusionCoupling, parallel_flow
 

@@ -8,11 +8,13 @@ Layout (written by the train stage, read by evaluate, ``vqflow predict``, export
     backbone.safetensors    the frozen feature extractor, batch norms folded (no weights package needed)
 
 No file is ever unpickled. A bundle written before ``backbone.safetensors`` existed still loads: its backbone
-is then rebuilt from the spec's weight source, which must be available on the machine.
+is then rebuilt from the spec's weight source, which must be available on the machine. This module is the one
+reader and writer of these files; ``save_model`` / ``load_model`` handle a model on its own (config + weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from functools import cached_property
@@ -20,12 +22,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .backbones import FeaturePyramid
 from .features import BackboneSpec
+from .io import atomic_dir, read_json
+from .models import AnomalyModel
+from .models.registry import create_model, saved_config
 
 CONFIG, WEIGHTS, THRESHOLDS, BACKBONE = "config.json", "model.safetensors", "thresholds.json", "backbone.safetensors"
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_model(model: AnomalyModel, name: str, config, path: str | Path, extra: dict[str, Any] | None = None,
+               files: dict[str, Any] | None = None, tensors: dict[str, dict] | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` (+ JSON ``files``, + safetensors ``tensors``) into ``path``
+    atomically: the directory appears whole or not at all."""
+    with atomic_dir(path) as tmp:
+        for filename, content in (files or {}).items():
+            (tmp / filename).write_text(json.dumps(content, indent=2) + "\n")
+        for filename, state in (tensors or {}).items():
+            save_file(_cpu(state), str(tmp / filename))
+        save_file(_cpu(model.state_dict()), str(tmp / WEIGHTS))
+        meta = {"model": name, "config": dataclasses.asdict(config), **(extra or {})}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[AnomalyModel, dict[str, Any]]:
+    """Rebuild a saved model from its config and load its weights strictly. Returns (model, config.json)."""
+    path = Path(path)
+    for needed in (CONFIG, WEIGHTS):
+        if not (path / needed).is_file():
+            raise FileNotFoundError(f"{path / needed}: not a saved vqflow model")
+    meta = read_json(path / CONFIG)
+    model = create_model(meta["model"], saved_config(meta["model"], meta["config"]))
+    model.load_state_dict(load_file(str(path / WEIGHTS), device=str(device)), strict=True)
+    return model.to(device).eval(), meta
 
 
 class ModelBundle:
@@ -40,11 +75,11 @@ class ModelBundle:
 
     @cached_property
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.path / CONFIG).read_text())
+        return read_json(self.path / CONFIG)
 
     @cached_property
     def thresholds(self) -> dict[str, Any]:
-        return json.loads((self.path / THRESHOLDS).read_text())
+        return read_json(self.path / THRESHOLDS)
 
     @property
     def spec(self) -> BackboneSpec:
@@ -54,10 +89,8 @@ class ModelBundle:
     def has_backbone(self) -> bool:
         return (self.path / BACKBONE).is_file()
 
-    def load_model(self, device: str | torch.device = "cpu"):
-        from .models import load_model
-
-        return load_model(self.path, str(device))[0]
+    def load_model(self, device: str | torch.device = "cpu") -> AnomalyModel:
+        return load_model(self.path, device)[0]
 
     def load_backbone(self, device: str | torch.device = "cpu") -> FeaturePyramid:
         """The bundled extractor (architecture from timm, weights from the bundle); the spec's source otherwise."""
@@ -81,8 +114,6 @@ class ModelBundle:
     def write(path: str | Path, model, name: str, config, thresholds: dict, backbone: FeaturePyramid,
               extra: dict[str, Any] | None = None) -> "ModelBundle":
         """Write a complete bundle atomically: the directory appears whole or not at all."""
-        from .models import save_model
-
         save_model(model, name, config, path, extra, files={THRESHOLDS: thresholds},
                    tensors={BACKBONE: backbone.state_dict()})
         return ModelBundle(path)

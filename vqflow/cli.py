@@ -88,12 +88,14 @@ def promote_stage(params: dict, args: argparse.Namespace) -> None:
 @stage("predict")
 def predict_stage(params: dict, args: argparse.Namespace) -> None:
     """Score images with a trained model: print score and decision, write overlay PNGs."""
+    from .config import ServeSettings
     from .inference import Predictor, render_overlay
 
     if not args.images:
         raise ValueError("predict: name at least one image file")
     model_dir = args.model or params.get("outputs", {}).get("model", "models/model")
-    predictor = Predictor(model_dir, str(params.get("serve", {}).get("device", "auto")))
+    settings = ServeSettings.load(params)
+    predictor = Predictor(model_dir, settings.device, settings.max_pixels)
     predictor.check_category(args.category)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

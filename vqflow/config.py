@@ -1,9 +1,11 @@
-"""params.yaml loading with errors that name the missing field."""
+"""params.yaml loading with errors that name the missing field, and the service's settings."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -34,3 +36,38 @@ def section(params: dict[str, Any], name: str, required: tuple[str, ...] = ()) -
         if key not in values:
             raise ParamsError(f"params.yaml: missing field '{name}.{key}'")
     return values
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The service's settings, read by the service and `vqflow predict` from here only: the ``serve`` section of
+    params.yaml over these defaults, each field overridden by the environment variable ``VQFLOW_<FIELD>``."""
+
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    max_batch_size: int = 16        # images scored together (requests share batches)
+    max_latency_ms: float = 10.0    # how long a batch waits for more images once it has one
+    batch_workers: int = 2          # batches scored at once
+    torch_threads: int = 0          # torch threads per process; 0 = CPU cores / workers
+    max_pixels: int = 40_000_000    # decompression-bomb limit per image (width x height)
+    max_upload_bytes: int = 20_000_000
+    max_batch_images: int = 64      # images per /predict_batch request
+
+    @classmethod
+    def load(cls, params: dict[str, Any], environ: Mapping[str, str] | None = None) -> "ServeSettings":
+        environ = os.environ if environ is None else environ
+        given = params.get("serve") or {}
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ParamsError(f"params.yaml: unknown field(s) serve.{', serve.'.join(unknown)}; known: {sorted(known)}")
+        values = {}
+        for name, spec in known.items():
+            kind = type(spec.default)
+            raw, where = given.get(name, spec.default), f"serve.{name}"
+            if f"VQFLOW_{name.upper()}" in environ:
+                raw, where = environ[f"VQFLOW_{name.upper()}"], f"VQFLOW_{name.upper()}"
+            try:
+                values[name] = kind(raw)
+            except (TypeError, ValueError) as exc:
+                raise ParamsError(f"{where}={raw!r}: expected {kind.__name__}") from exc
+        return cls(**values)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .backbones import FeaturePyramid, resolve_device
 from .data.images import image_to_array, load_image
-from .io import atomic_path, write_json
+from .io import atomic_path, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ def extract_features(
     out_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(spec, manifest_sha)
     index_path = out_dir / "index.json"
-    if index_path.is_file() and json.loads(index_path.read_text()).get("key") == key:
-        return json.loads(index_path.read_text())
+    if index_path.is_file() and read_json(index_path).get("key") == key:
+        return read_json(index_path)
     index_path.unlink(missing_ok=True)
     backbone = spec.build()
     total = math.ceil(len(manifest) / shard_size)
@@ -141,7 +141,7 @@ class FeatureCache:
         index_path = self.path / "index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path}: no feature cache (run `vqflow features` first)")
-        self.index = json.loads(index_path.read_text())
+        self.index = read_json(index_path)
         if spec is not None and manifest_sha is not None and self.index["key"] != cache_key(spec, manifest_sha):
             raise ValueError(f"{self.path}: the feature cache was made for another backbone or manifest; re-run features")
         self.spec = BackboneSpec(**self.index["backbone"])

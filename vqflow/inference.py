@@ -17,7 +17,7 @@ from .backbones import resolve_device
 from .data.images import DEFAULT_MAX_PIXELS, decode_image, image_to_array, to_rgb
 from .bundle import ModelBundle
 from .scoring import score_images
-from .thresholds import GLOBAL, threshold_for
+from .thresholds import calibrated_categories, threshold_for
 
 
 class UnknownCategoryError(ValueError):
@@ -78,7 +78,7 @@ class Predictor:
     @property
     def categories(self) -> list[str]:
         """The categories with a calibrated threshold of their own."""
-        return sorted(c for c in self.thresholds["categories"] if c != GLOBAL)
+        return calibrated_categories(self.thresholds)
 
     def decode(self, data: bytes, name: str = "upload") -> Image.Image:
         """Decode uploaded bytes (any supported mode) to RGB; raises ImageLoadError naming the problem."""

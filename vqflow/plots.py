@@ -20,6 +20,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 from .data.images import image_to_array, load_image  # noqa: E402
 from .io import atomic_dir, atomic_path  # noqa: E402
 from .metrics import REPORTED  # noqa: E402
+from .thresholds import threshold_for  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -105,8 +106,7 @@ def score_histograms(test: pd.DataFrame, scores: np.ndarray, thresholds: dict, o
         bins = np.linspace(s.min(), s.max() + 1e-9, 25)
         ax.hist(s[rows.label.to_numpy() == 0], bins, alpha=0.6, label="normal", color="tab:green")
         ax.hist(s[rows.label.to_numpy() == 1], bins, alpha=0.6, label="defective", color="tab:red")
-        if category in thresholds["categories"]:
-            ax.axvline(thresholds["categories"][category]["image"], color="k", ls="--", label="threshold")
+        ax.axvline(threshold_for(thresholds, category), color="k", ls="--", label="threshold")
         ax.set(title=category, xlabel="anomaly score")
         ax.legend(fontsize=7)
     return _save(fig, out_path)
@@ -136,12 +136,11 @@ def gallery(test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.
         picks += [("false negative?", i) for i in defective[np.argsort(scores[defective])][:per_kind]]
         if not picks:
             continue
-        entry = thresholds["categories"].get(category, thresholds["categories"]["__global__"])
         fig, axes = plt.subplots(len(picks), 4, figsize=(10, 2.6 * len(picks)), squeeze=False)
         for row, (kind, i) in zip(axes, picks):
             image = image_to_array(load_image(test.path[i]), size).transpose(1, 2, 0)
-            predicted = maps[i] > entry["pixel"]
-            decision = "anomalous" if scores[i] > entry["image"] else "normal"
+            predicted = maps[i] > threshold_for(thresholds, category, "pixel")
+            decision = "anomalous" if scores[i] > threshold_for(thresholds, category) else "normal"
             panels = [(image, f"{test.defect_type[i]} | score {scores[i]:.3f}"), (masks[i], "ground truth"),
                       (overlay(image, maps[i], predicted), f"{kind} -> {decision}"), (predicted, "predicted mask")]
             for ax, (picture, title) in zip(row, panels):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from . import timing
+from .io import read_json
 from .metrics import REPORTED
 
 
@@ -20,6 +20,8 @@ def _console() -> Console:
 def print_summary(params: dict, console: Console | None = None) -> None:
     """A table per produced artefact: dataset counts by category and split, feature cache, metrics."""
     import pandas as pd
+
+    from .bundle import CONFIG, ModelBundle
 
     console = console or _console()
     manifest = Path(params["prepare"]["manifest"])
@@ -38,7 +40,7 @@ def print_summary(params: dict, console: Console | None = None) -> None:
         console.print(table)
     cache_index = Path(params["features"]["cache"]) / "index.json"
     if cache_index.is_file():
-        index = json.loads(cache_index.read_text())
+        index = read_json(cache_index)
         size = sum(p.stat().st_size for p in cache_index.parent.glob("shard-*.safetensors"))
         console.print(
             f"Feature cache: {len(index['entries'])} images, backbone {index['backbone']['name']} "
@@ -46,18 +48,18 @@ def print_summary(params: dict, console: Console | None = None) -> None:
             f"{size / 2**20:.1f} MiB in {len(index['shards'])} shards"
         )
     outputs = params.get("outputs", {})
-    model_config = Path(outputs.get("model", "models/model")) / "config.json"
-    if model_config.is_file():
-        meta = json.loads(model_config.read_text())
+    model_dir = Path(outputs.get("model", "models/model"))
+    if (model_dir / CONFIG).is_file():
+        meta = ModelBundle(model_dir).meta
         timed = timing.read(params)
         console.print(
             f"Model: {meta['model']} trained on {meta.get('train_images', '?')} images for "
             f"{meta.get('train', {}).get('epochs', '?')} epochs in {timed.get('train', {}).get('seconds', float('nan')):.0f} s"
-            f", scores {timed.get('evaluate', {}).get('fps', float('nan')):.1f} images/s -> {model_config.parent}"
+            f", scores {timed.get('evaluate', {}).get('fps', float('nan')):.1f} images/s -> {model_dir}"
         )
     metrics_path = Path(outputs.get("metrics", "metrics/metrics.json"))
     if metrics_path.is_file():
-        print_metrics(json.loads(metrics_path.read_text()), console)
+        print_metrics(read_json(metrics_path), console)
 
 
 def print_metrics(metrics: dict, console: Console | None = None) -> None:

@@ -31,16 +31,6 @@ def _collect(outputs: list) -> Scored:
     return Scored(scores, maps, extras)
 
 
-@torch.inference_mode()
-def score_features(model: AnomalyModel, features: list[torch.Tensor], device: torch.device, batch_size: int = 16) -> Scored:
-    """Score pre-extracted pyramids (list of per-stage tensors)."""
-    model.eval().to(device)
-    outputs = []
-    for start in range(0, len(features[0]), batch_size):
-        outputs.append(model.predict([f[start: start + batch_size].to(device) for f in features]))
-    return _collect(outputs)
-
-
 def score_cached(
     model: AnomalyModel, cache: FeatureCache, image_ids: Sequence[str], device: torch.device,
     batch_size: int = 16, progress: bool = True,

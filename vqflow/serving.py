@@ -2,7 +2,8 @@
 
 The service declares the model it serves, so ``bentoml build`` packages it into the bento: the champion named by
 the champion record (``outputs.champions`` of params.yaml, shipped in the bento), or ``VQFLOW_MODEL_TAG``.
-Settings come from the ``serve`` section of params.yaml; ``VQFLOW_<KEY>`` environment variables override them.
+Settings: ``ServeSettings`` (vqflow/config.py), the ``serve`` section of params.yaml under ``VQFLOW_<KEY>``
+environment variables.
 Every 4xx answer has one JSON shape: ``{"status": <code>, "error": "<message naming the upload>"}``.
 """
 
@@ -24,14 +25,12 @@ from PIL import Image
 from starlette.responses import Response
 
 from .batching import MicroBatcher
+from .config import ServeSettings
 from .data.images import ImageLoadError
 from .inference import Predictor, UnknownCategoryError, render_overlay
-from .registry import DEFAULT_RECORD, MODEL_NAME, champion
+from .model_store import DEFAULT_RECORD, MODEL_NAME, champion
 
 SOURCE = Path(__file__).resolve().parents[1]  # the repository, or the bento's src/ directory
-SERVE_DEFAULTS: dict[str, Any] = {"device": "auto", "max_batch_size": 16, "max_latency_ms": 10, "batch_workers": 2,
-                                  "torch_threads": 0,
-                                  "max_pixels": 40_000_000, "max_upload_bytes": 20_000_000, "max_batch_images": 64}
 ImageFile = Annotated[Path, ContentType("image/*")]
 
 
@@ -45,21 +44,6 @@ def upload_name(path: Path) -> str:
 def _params() -> dict:
     path = SOURCE / "params.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-
-def serve_settings(params: dict | None = None, environ: dict | None = None) -> dict[str, Any]:
-    """The ``serve`` section over the defaults, each key overridden by ``VQFLOW_<KEY>`` when set."""
-    params = _params() if params is None else params
-    environ = os.environ if environ is None else environ
-    settings = {**SERVE_DEFAULTS, **(params.get("serve") or {})}
-    for key, default in SERVE_DEFAULTS.items():
-        raw = environ.get(f"VQFLOW_{key.upper()}")
-        if raw is not None:
-            try:
-                settings[key] = type(default)(raw)
-            except ValueError as exc:
-                raise ValueError(f"VQFLOW_{key.upper()}={raw!r}: expected {type(default).__name__}") from exc
-    return settings
 
 
 def served_tag() -> str:
@@ -123,7 +107,7 @@ def _error_text(body: bytes) -> str:
     return str(data)
 
 
-SETTINGS = serve_settings()
+SETTINGS = ServeSettings.load(_params())
 
 
 @bentoml.service(traffic={"timeout": 60, "max_concurrency": 64}, workers=1)
@@ -133,11 +117,11 @@ class AnomalyService:
     def __init__(self) -> None:
         self.ready = False
         self.tag = str(self.model.tag)
-        workers = int(SETTINGS["batch_workers"])
-        torch.set_num_threads(int(SETTINGS["torch_threads"]) or max(1, (os.cpu_count() or 1) // workers))
-        self.predictor = Predictor(self.model.path, SETTINGS["device"], int(SETTINGS["max_pixels"]))
+        workers = SETTINGS.batch_workers
+        torch.set_num_threads(SETTINGS.torch_threads or max(1, (os.cpu_count() or 1) // workers))
+        self.predictor = Predictor(self.model.path, SETTINGS.device, SETTINGS.max_pixels)
         self.predictor.warmup()
-        self.batcher = MicroBatcher(self._score, int(SETTINGS["max_batch_size"]), float(SETTINGS["max_latency_ms"]),
+        self.batcher = MicroBatcher(self._score, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
                                     workers)
         self.ready = True
 
@@ -153,8 +137,8 @@ class AnomalyService:
         for path in paths:
             name = upload_name(path)
             size = Path(path).stat().st_size
-            if size > int(SETTINGS["max_upload_bytes"]):
-                raise UploadTooLarge(f"{name}: {size} bytes exceeds the upload limit of {SETTINGS['max_upload_bytes']}")
+            if size > SETTINGS.max_upload_bytes:
+                raise UploadTooLarge(f"{name}: {size} bytes exceeds the upload limit of {SETTINGS.max_upload_bytes}")
             try:
                 decoded.append(await asyncio.to_thread(self.predictor.decode, Path(path).read_bytes(), name))
             except ImageLoadError as exc:
@@ -181,9 +165,9 @@ class AnomalyService:
     @bentoml.api
     async def predict_batch(self, images: list[ImageFile], category: str | None = None) -> list[dict]:
         """Score many images (one category, or the global threshold); they share batches with other requests."""
-        if len(images) > int(SETTINGS["max_batch_images"]):
+        if len(images) > SETTINGS.max_batch_images:
             raise InvalidArgument(f"images: {len(images)} files in one request, the limit is "
-                                  f"{SETTINGS['max_batch_images']} (split the request)")
+                                  f"{SETTINGS.max_batch_images} (split the request)")
         category = self._category(category)
         decoded = await self._decoded(images)
         results = await self.batcher.submit([(image, category) for image in decoded])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -127,14 +126,12 @@ def evaluate(params: dict) -> dict:
     """Score the test split; write metrics (per category + mean), decisions at the calibrated thresholds,
     inference speed, plots and the markdown report."""
     from .backbones import resolve_device
-    from .data.images import load_mask, resize_mask
-    from .io import atomic_path, write_json
-    from .metrics import evaluate_categories, f1_max
     from .bundle import ModelBundle
+    from .io import write_json
+    from .metrics import evaluate_categories
     from .plots import curve_data
     from .report import write_report
     from .scoring import score_cached
-    from .thresholds import decision_metrics, threshold_for
 
     manifest, cache = _manifest_and_cache(params)
     out = section(params, "outputs", ("model", "metrics", "scores", "plots", "report"))
@@ -144,34 +141,55 @@ def evaluate(params: dict) -> dict:
     model, meta, thresholds = bundle.load_model(device), bundle.meta, bundle.thresholds
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     scored = score_cached(model, cache, test.image_id.tolist(), device, int(p.get("batch_size", 16)))
-    size = scored.maps.shape[-1]
-    masks = np.stack([
-        resize_mask(load_mask(m or None, (int(w), int(h))), size) for m, w, h in zip(test.mask_path, test.width, test.height)
-    ])
-    categories, labels = test.category.to_numpy(), test.label.to_numpy()
-    metrics = evaluate_categories(categories, labels, scored.scores, scored.maps, masks, float(p.get("max_fpr", 0.3)))
-    decisions = {}
-    for category in metrics["per_category"]:
-        idx = categories == category
-        at = decision_metrics(labels[idx], scored.scores[idx], threshold_for(thresholds, category))
-        at["oracle_f1max"] = f1_max(labels[idx], scored.scores[idx])[0]
-        decisions[category] = at
-    metrics["at_threshold"] = decisions
+    masks = ground_truth_masks(test, scored.maps.shape[-1])
+    metrics = evaluate_categories(test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks,
+                                  float(p.get("max_fpr", 0.3)))
+    metrics["at_threshold"] = decisions(test, scored.scores, thresholds)
     metrics["epochs"] = meta.get("epochs")
     metrics["model"] = meta["model"]
     write_json(out["metrics"], metrics)
-    frame = test[["image_id", "category", "label", "defect_type"]].copy()
-    frame["score"] = scored.scores
-    for key, values in scored.extras.items():
-        if values.ndim == 1:
-            frame[key] = values
-    with atomic_path(out["scores"]) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.8g")
+    write_scores(test, scored, out["scores"])
     plot_paths = make_plots(test, scored, masks, metrics, thresholds, Path(out["plots"]))
     curve_data(test, scored.scores, metrics, Path(out.get("curves") or Path(out["metrics"]).parent / "curves"))
     write_report(params, meta, metrics, manifest, plot_paths, out["report"])
     timing.record(params, "evaluate", fps=inference_fps(bundle, model, test, device))
     return metrics
+
+
+def ground_truth_masks(test: pd.DataFrame, size: int) -> np.ndarray:
+    """The ground-truth masks of the test rows at the maps' size (all zero for normal images)."""
+    from .data.images import load_mask, resize_mask
+
+    return np.stack([resize_mask(load_mask(m or None, (int(w), int(h))), size)
+                     for m, w, h in zip(test.mask_path, test.width, test.height)])
+
+
+def decisions(test: pd.DataFrame, scores: np.ndarray, thresholds: dict) -> dict:
+    """Per category: precision, recall, F1 and false-reject rate at the calibrated image threshold, and the F1
+    an oracle threshold would reach (what calibration costs)."""
+    from .metrics import f1_max
+    from .thresholds import decision_metrics, threshold_for
+
+    result = {}
+    for category, rows in test.groupby("category"):
+        idx, labels = rows.index.to_numpy(), rows.label.to_numpy()
+        at = decision_metrics(labels, scores[idx], threshold_for(thresholds, category))
+        at["oracle_f1max"] = f1_max(labels, scores[idx])[0]
+        result[category] = at
+    return result
+
+
+def write_scores(test: pd.DataFrame, scored, path: str) -> None:
+    """metrics/scores.csv: one row per test image with its score and the model's per-image extras."""
+    from .io import atomic_path
+
+    frame = test[["image_id", "category", "label", "defect_type"]].copy()
+    frame["score"] = scored.scores
+    for key, values in scored.extras.items():
+        if values.ndim == 1:
+            frame[key] = values
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.8g")
 
 
 def make_plots(test, scored, masks, metrics: dict, thresholds: dict, plot_dir: Path) -> list[Path]:
@@ -236,19 +254,19 @@ def validate(params: dict) -> "object":
 def export(params: dict) -> dict:
     """Store the trained model (content tag) in the BentoML store; promote it to champion only from a committed
     run on the promotion branch, and only if not worse than the champion."""
-    from .io import write_json
-    from .registry import export as export_model
+    from .io import read_json, write_json
+    from .model_store import export as export_model
 
     out = section(params, "outputs", ("model", "metrics", "export"))
     section(params, "export", ("tolerance_mean", "tolerance_category"))
-    record = export_model(out["model"], json.loads(Path(out["metrics"]).read_text()), params)
+    record = export_model(out["model"], read_json(Path(out["metrics"])), params)
     write_json(out["export"], record)
     return record
 
 
 def promote(params: dict, tag: str) -> dict:
     """Make a stored model the champion on purpose (the same not-worse rule as the export stage)."""
-    from .registry import promote_explicitly
+    from .model_store import promote_explicitly
 
     section(params, "export", ("tolerance_mean", "tolerance_category"))
     return promote_explicitly(tag, params)

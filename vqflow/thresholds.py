@@ -38,6 +38,11 @@ def calibrate(val: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, target_fr
     return {"target_frr": target_frr, "pixel_fpr": pixel_fpr, "categories": result}
 
 
+def calibrated_categories(thresholds: dict) -> list[str]:
+    """The categories with a threshold of their own (not the global one)."""
+    return sorted(c for c in thresholds["categories"] if c != GLOBAL)
+
+
 def threshold_for(thresholds: dict, category: str | None, kind: str = "image") -> float:
     """The threshold of ``category`` (the global one when it is None or unknown)."""
     entries = thresholds["categories"]

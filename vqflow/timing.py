@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import write_json
+from .io import read_json, write_json
 
 def timing_path(params: dict) -> Path:
     """``outputs.timing``; without it, timing.json beside ``outputs.metrics``."""
@@ -30,6 +30,6 @@ def read(params: dict) -> dict:
     """{stage: figures} of the last runs; {} when nothing was timed yet (or the file is unreadable)."""
     path = timing_path(params)
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(path) if path.is_file() else {}
     except json.JSONDecodeError:
         return {}

@@ -8,7 +8,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .io import atomic_dir, write_json
+from .io import atomic_dir, read_json, write_json
 from .models import AnomalyModel
 from .models.quantize import perplexity
 
@@ -118,7 +118,7 @@ class Checkpoint:
         progress_path = self.path / "progress.json"
         if not progress_path.is_file():
             return None
-        progress = json.loads(progress_path.read_text())
+        progress = read_json(progress_path)
         if progress.get("fingerprint") != self.fingerprint:
             return None
         model.load_state_dict(load_file(str(self.path / "model.safetensors")), strict=True)
@@ -221,10 +221,6 @@ def write_history(path: str | Path, history: list[dict]) -> None:
     """The per-epoch log as a DVC plots file (a JSON list of rows), without the epochs' wall-clock seconds (the
     train stage records those in the timing file: a pipeline output must not change between identical runs)."""
     write_json(path, [{k: v for k, v in row.items() if k != "seconds"} for row in history])
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
 
 
 __all__ = ["TrainConfig", "Checkpoint", "train_model", "write_history", "fingerprint", "learning_rate", "seed_everything"]

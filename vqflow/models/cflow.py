@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 
-from . import register_model
+from .registry import register_model
 from .anomaly_map import add_map
 from .base import AnomalyModel, Prediction, StepOutput
 from .layers import LinearSubnet, positional_encoding_2d

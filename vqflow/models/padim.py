@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import register_model
+from .registry import register_model
 from .anomaly_map import gaussian_smooth, upsample
 from .base import AnomalyModel, Prediction
 

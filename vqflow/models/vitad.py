@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from . import register_model
+from .registry import register_model
 from .anomaly_map import gaussian_smooth, upsample
 from .base import AnomalyModel, Prediction, StepOutput
 

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from . import register_model
+from .registry import register_model
 from .anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
 from .base import AnomalyModel, Prediction, StepOutput
 from .cadm import ConceptGaussian, mixture_log_density, summed_log_density

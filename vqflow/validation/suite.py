@@ -95,9 +95,6 @@ class ValidationReport:
     def errors(self) -> list[Failure]:
         return [f for f in self.failures if not f.warning]
 
-    def checks_failed(self) -> set[str]:
-        return {f.check for f in self.errors}
-
 
 def _context(docs_dir: Path | None):
     import great_expectations as gx

@@ -72,7 +72,7 @@ def scratch_repo(root: Path) -> Path:
 
     import yaml
 
-    from tests.conftest import tiny_params
+    from vqflow.testing import tiny_params
 
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(ROOT / "vqflow", root / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))

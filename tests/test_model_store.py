@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from vqflow.registry import compare
+from vqflow.model_store import compare
 
 METRICS = {
     "mean": {"image_auroc": 0.95, "pixel_auroc": 0.99, "mad": 0.80},
@@ -89,7 +89,7 @@ def _export(project, env, metrics, thresholds_shift=0.0):
 
 
 def test_committed_run_on_main_promotes_and_a_worse_model_stays_challenger(project):
-    from vqflow.registry import champion
+    from vqflow.model_store import champion
 
     root, env, metrics = project
     first = _export(root, env, metrics)
@@ -109,7 +109,7 @@ def test_committed_run_on_main_promotes_and_a_worse_model_stays_challenger(proje
 def test_experiments_branches_and_uncommitted_params_never_promote(project):
     import subprocess
 
-    from vqflow.registry import champion
+    from vqflow.model_store import champion
 
     root, env, metrics = project
     in_experiment = _cli(root, {**env, "DVC_EXP_NAME": "curious-cats"}, "export")
@@ -129,7 +129,7 @@ def test_experiments_branches_and_uncommitted_params_never_promote(project):
 def test_an_unreachable_publish_target_is_a_transient_failure_that_promotes_nothing(project):
     import yaml
 
-    from tests.servers import free_port
+    from vqflow.testing import free_port
 
     root, env, metrics = project
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bundle import ModelBundle
-from .io import write_json
+from .io import read_json, write_json
 
 MODEL_NAME = "vqflow-anomaly"
 DEFAULT_RECORD = "registry/champions.json"
@@ -63,7 +63,7 @@ def read_record(path: str | Path = DEFAULT_RECORD) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    record = json.loads(path.read_text())
+    record = read_json(path)
     if not isinstance(record, list) or not all(isinstance(e, dict) and "tag" in e for e in record):
         raise ValueError(f"{path}: not a champion record (a JSON list of entries with a 'tag')")
     return record
