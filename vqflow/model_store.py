@@ -111,7 +111,7 @@ def _store_model(tag: str):
         return None
 
 
-def import_bundle(bundle: ModelBundle, metrics: dict, params: dict, dvc_lock: str | Path = "dvc.lock") -> str:
+def import_bundle(bundle: ModelBundle, metrics: dict, dvc_lock: str | Path = "dvc.lock") -> str:
     """Put the bundle into the local model store under its content tag (no-op when it is there). Returns the tag."""
     import hashlib
     import shutil
@@ -126,7 +126,6 @@ def import_bundle(bundle: ModelBundle, metrics: dict, params: dict, dvc_lock: st
         "model": bundle.meta["model"], "backbone": bundle.spec.name, "image_size": bundle.spec.image_size,
         "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]},
         "thresholds": bundle.thresholds,
-        "params": {k: params.get(k) for k in ("model", "train", "features", "thresholds")},
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
     }
@@ -154,30 +153,46 @@ def publish_model(tag: str, destination: str) -> str:
     return bentoml.models.export_model(tag, destination if destination.endswith("/") else destination + "/")
 
 
-def _decide(tag: str, metrics: dict, params: dict, blocker: str | None, note: str = "") -> dict:
+@dataclass(frozen=True)
+class PromotionRule:
+    """The ``export`` params and the champion record's path, read once."""
+
+    tolerance_mean: float = 0.005
+    tolerance_category: float = 0.01
+    promote_branch: str = "main"
+    publish: str = ""
+    record: str = DEFAULT_RECORD
+
+    @classmethod
+    def from_params(cls, params: dict) -> "PromotionRule":
+        p = params.get("export") or {}
+        return cls(float(p.get("tolerance_mean", cls.tolerance_mean)),
+                   float(p.get("tolerance_category", cls.tolerance_category)),
+                   str(p.get("promote_branch", cls.promote_branch)), str(p.get("publish", "") or ""),
+                   str((params.get("outputs") or {}).get("champions", DEFAULT_RECORD)))
+
+
+def _decide(tag: str, metrics: dict, rule: PromotionRule, blocker: str | None, note: str = "") -> dict:
     """The one promotion rule: ``tag`` becomes the champion unless it already is, it is worse than the champion,
     or ``blocker`` says why not now. Returns the decision record (promoting when decided)."""
-    p = params.get("export", {})
-    record_path = params.get("outputs", {}).get("champions", DEFAULT_RECORD)
-    current = champion(record_path)
+    current = champion(rule.record)
     if current and current["tag"] == tag:
         return {"tag": tag, "role": "champion", "promote": False, "champion_tag": tag,
                 "reasons": ["already the champion (same content tag)"]}
-    decision = compare(metrics, current["metrics"] if current else None, float(p.get("tolerance_mean", 0.005)),
-                       float(p.get("tolerance_category", 0.01)))
+    decision = compare(metrics, current["metrics"] if current else None, rule.tolerance_mean, rule.tolerance_category)
     decision.champion_tag = current["tag"] if current else None
     if blocker:
         decision = Decision(False, [*decision.reasons, f"not promoted: {blocker}"], decision.champion_tag)
     if decision.promote:
-        promote(tag, metrics, record_path, note + "; ".join(decision.reasons), str(p.get("publish", "") or ""))
+        promote(tag, metrics, rule.record, note + "; ".join(decision.reasons), rule.publish)
     return {"tag": tag, "role": "champion" if decision.promote else "challenger", **asdict(decision)}
 
 
 def export(model_dir: str | Path, metrics: dict, params: dict) -> dict:
     """The export stage: store the model, promote it if allowed and not worse. Returns the decision record."""
-    tag = import_bundle(ModelBundle(model_dir), metrics, params)
-    blocker = promotion_blocker(str(params.get("export", {}).get("promote_branch", "main")))
-    return _decide(tag, metrics, params, blocker)
+    rule = PromotionRule.from_params(params)
+    tag = import_bundle(ModelBundle(model_dir), metrics)
+    return _decide(tag, metrics, rule, promotion_blocker(rule.promote_branch))
 
 
 def promote_explicitly(tag: str, params: dict) -> dict:
@@ -186,7 +201,8 @@ def promote_explicitly(tag: str, params: dict) -> dict:
     if stored is None or not tag.startswith(MODEL_NAME + ":"):
         raise ValueError(f"promote: {tag!r} is not a {MODEL_NAME} model in the BentoML store "
                          f"(`bentoml models list {MODEL_NAME}` shows them)")
-    record = _decide(str(stored.tag), stored.info.metadata["metrics"], params, None, "explicit `vqflow promote`; ")
+    record = _decide(str(stored.tag), stored.info.metadata["metrics"], PromotionRule.from_params(params), None,
+                     "explicit `vqflow promote`; ")
     if record["role"] != "champion":
         raise ValueError(f"promote: {record['tag']} is worse than the champion {record['champion_tag']}: "
                          + "; ".join(record["reasons"]))

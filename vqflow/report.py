@@ -105,7 +105,8 @@ def write_report(params: dict, meta: dict, metrics: dict, manifest, plot_paths: 
     )
     relative = [Path(p).resolve() for p in plot_paths]
     images = "\n".join(f"![{p.stem}]({_relpath(p, path.parent)})" for p in relative)
-    model_params = {k: params.get(k) for k in ("features", "model", "train", "thresholds")}
+    # what trained this model, from its bundle (the params file may have changed since)
+    configuration = {k: meta.get(k) for k in ("model", "config", "train", "backbone")}
     text = f"""# vqflow run report
 
 Model **{meta['model']}**, trained on {meta.get('train_images', '?')} normal images of all categories mixed
@@ -132,10 +133,10 @@ report, like every pipeline output, is the same file whenever the inputs are.
 
 {images}
 
-## Parameters
+## Configuration (the model bundle's config.json)
 
 ```yaml
-{yaml.safe_dump(model_params, sort_keys=False)}```
+{yaml.safe_dump(configuration, sort_keys=False)}```
 """
     write_text(path, text)
     return path

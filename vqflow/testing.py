@@ -37,7 +37,7 @@ def tiny_params(root: Path) -> dict:
         "outputs": {k: str(root / v) for k, v in {
             "model": "models/model", "checkpoints": "data/checkpoints", "train_log": "metrics/train_log.json",
             "metrics": "metrics/metrics.json", "scores": "metrics/scores.csv", "plots": "plots",
-            "report": "reports/report.md", "export": "metrics/export.json"}.items()},
+            "report": "reports/report.md", "export": "metrics/export.json", "timing": "metrics/timing.json"}.items()},
     }
 
 
