@@ -54,10 +54,17 @@ def variant_params(base: dict, work: Path, name: str) -> dict:
     params["model"]["name"] = model_name
     params["model"]["vqflow"] = {**params["model"]["vqflow"], **overrides}
     out = work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", name.replace("+", "plus ")).strip("_")
-    params["outputs"] = {**params["outputs"], "model": str(out / "model"), "checkpoints": str(work / "checkpoints"),
-                         "timing": str(out / "timing.json"),
-                         "train_log": str(out / "train_log.json"), "metrics": str(out / "metrics.json"),
-                         "scores": str(out / "scores.csv"), "plots": str(out / "plots"), "report": str(out / "report.md")}
+    params["outputs"] = {
+        **params["outputs"],
+        "model": str(out / "model"),
+        "checkpoints": str(work / "checkpoints"),
+        "timing": str(out / "timing.json"),
+        "train_log": str(out / "train_log.json"),
+        "metrics": str(out / "metrics.json"),
+        "scores": str(out / "scores.csv"),
+        "plots": str(out / "plots"),
+        "report": str(out / "report.md"),
+    }
     return params
 
 
@@ -85,33 +92,54 @@ def main() -> None:
         started = time.perf_counter()
         stages.train(params)
         metrics = stages.evaluate(params)
-        results[name] = {"model": params["model"]["name"], "overrides": VARIANTS[name][1], **metrics["mean"],
-                         "per_category": {c: v["image_auroc"] for c, v in metrics["per_category"].items()},
-                         "train_seconds": timing.read(params)["train"]["training_seconds"], "epochs": metrics["epochs"],
-                         "wall_seconds": time.perf_counter() - started}
+        results[name] = {
+            "model": params["model"]["name"],
+            "overrides": VARIANTS[name][1],
+            **metrics["mean"],
+            "per_category": {c: v["image_auroc"] for c, v in metrics["per_category"].items()},
+            "train_seconds": timing.read(params)["train"]["training_seconds"],
+            "epochs": metrics["epochs"],
+            "wall_seconds": time.perf_counter() - started,
+        }
         print("   " + " ".join(f"{label} {100 * metrics['mean'][key]:.1f}" for key, label in METRICS), flush=True)
-    lines = ["| variant | " + " | ".join(label for _, label in METRICS) + " | train s |",
-             "|---|" + "---:|" * (len(METRICS) + 1)]
+    lines = [
+        "| variant | " + " | ".join(label for _, label in METRICS) + " | train s |",
+        "|---|" + "---:|" * (len(METRICS) + 1),
+    ]
     for name, r in results.items():
         budget = f"{r['epochs']} ep" if r["epochs"] else "fit only"
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r[key]:.1f}" for key, _ in METRICS)
-                     + f" | {r['train_seconds']:.0f} ({budget}) |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * r[key]:.1f}" for key, _ in METRICS)
+            + f" | {r['train_seconds']:.0f} ({budget}) |"
+        )
     categories = sorted({c for r in results.values() for c in r["per_category"]})
-    lines += ["", "Image AUROC per category:", "", "| variant | " + " | ".join(categories) + " |",
-              "|---|" + "---:|" * len(categories)]
-    lines += [f"| {name} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in categories) + " |"
-              for name, r in results.items()]
-    note = (f"\n\n`python bench/ablation.py --suite {args.suite}`: the pipeline's stages and evaluator, one unified model "
-            "per row, thresholds on held-out normals; switches from params.yaml `model.vqflow` (rows name what is on).")
+    lines += [
+        "",
+        "Image AUROC per category:",
+        "",
+        "| variant | " + " | ".join(categories) + " |",
+        "|---|" + "---:|" * len(categories),
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in categories) + " |"
+        for name, r in results.items()
+    ]
+    note = (
+        f"\n\n`python bench/ablation.py --suite {args.suite}`: the pipeline's stages and evaluator, one unified model "
+        "per row, thresholds on held-out normals; switches from params.yaml `model.vqflow` (rows name what is on)."
+    )
     from vqflow.plots import loss_curves
 
-    histories = {name: read_json(Path(variant_params(base, work, name)["outputs"]["train_log"]))
-                 for name in results}
+    histories = {name: read_json(Path(variant_params(base, work, name)["outputs"]["train_log"])) for name in results}
     curves = loss_curves(histories, RESULTS / f"ablation_{args.suite}_loss.svg")
     note += f"\n\nTraining curves: [{curves.name}]({curves.name}) (flow NLL per latent dimension, per epoch)."
     md = write_results(f"ablation_{args.suite}", {"suite": args.suite, "variants": results}, "\n".join(lines) + note)
-    replace_readme_block(ROOT / "README.md", f"ablation:{args.suite}",
-                         md.read_text().replace(f"]({curves.name})", f"](bench/results/{curves.name})"))
+    replace_readme_block(
+        ROOT / "README.md",
+        f"ablation:{args.suite}",
+        md.read_text().replace(f"]({curves.name})", f"](bench/results/{curves.name})"),
+    )
     print(md.read_text())
 
 

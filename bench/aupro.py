@@ -43,12 +43,22 @@ def main() -> None:
     started = time.perf_counter()
     slow = slow_aupro(maps, masks)
     slow_s = time.perf_counter() - started
-    payload = {"maps": args.maps, "size": args.size, "levels": args.levels, "aupro_fast": fast, "aupro_reference": slow,
-               "fast_seconds": fast_s, "reference_seconds": slow_s, "speedup": slow_s / fast_s}
-    table = (f"| {args.maps} maps of {args.size}x{args.size}, {args.levels} levels | seconds | AUPRO |\n|---|---:|---:|\n"
-             f"| vectorised (vqflow.metrics.aupro) | {fast_s:.2f} | {fast:.6f} |\n"
-             f"| per-threshold reference | {slow_s:.2f} | {slow:.6f} |\n"
-             f"| speed-up | {slow_s / fast_s:.0f}x | diff {abs(fast - slow):.2e} |")
+    payload = {
+        "maps": args.maps,
+        "size": args.size,
+        "levels": args.levels,
+        "aupro_fast": fast,
+        "aupro_reference": slow,
+        "fast_seconds": fast_s,
+        "reference_seconds": slow_s,
+        "speedup": slow_s / fast_s,
+    }
+    table = (
+        f"| {args.maps} maps of {args.size}x{args.size}, {args.levels} levels | seconds | AUPRO |\n|---|---:|---:|\n"
+        f"| vectorised (vqflow.metrics.aupro) | {fast_s:.2f} | {fast:.6f} |\n"
+        f"| per-threshold reference | {slow_s:.2f} | {slow:.6f} |\n"
+        f"| speed-up | {slow_s / fast_s:.0f}x | diff {abs(fast - slow):.2e} |"
+    )
     print(table)
     write_results("aupro", payload, table)
 

@@ -30,13 +30,26 @@ MODELS = registered_models()
 
 def split_params(base: dict, work: Path, shared: Path, normal: list[int], args) -> dict:
     params = copy.deepcopy(base)
-    params["prepare"].update(sources=[{"kind": "cifar10", "root": str(shared / "data/cifar10_jpeg"), "normal_classes": normal,
-                                       "train_per_class": args.train_per_class, "test_per_class": args.test_per_class}],
-                             manifest=str(work / "manifest.csv"))
+    params["prepare"].update(
+        sources=[
+            {
+                "kind": "cifar10",
+                "root": str(shared / "data/cifar10_jpeg"),
+                "normal_classes": normal,
+                "train_per_class": args.train_per_class,
+                "test_per_class": args.test_per_class,
+            }
+        ],
+        manifest=str(work / "manifest.csv"),
+    )
     params["features"].update(image_size=args.image_size, cache=str(work / "features"))
     params["train"].update(epochs=args.epochs, lr_decay_epochs=[max(1, round(0.8 * args.epochs))])
-    params["outputs"] = {**params["outputs"], "model": str(work / "model"), "checkpoints": str(work / "checkpoints"),
-                         "train_log": str(work / "train_log.json")}
+    params["outputs"] = {
+        **params["outputs"],
+        "model": str(work / "model"),
+        "checkpoints": str(work / "checkpoints"),
+        "train_log": str(work / "train_log.json"),
+    }
     return params
 
 
@@ -47,8 +60,12 @@ def knn_reference(cache, train_ids: list[str], test_ids: list[str], k: int = 5) 
     from sklearn.neighbors import NearestNeighbors
 
     def pooled(ids: list[str]) -> np.ndarray:
-        return torch.cat([torch.cat([f.float().mean((2, 3)) for f in cache.get(ids[start: start + 64])[1:]], 1)
-                          for start in range(0, len(ids), 64)]).numpy()
+        return torch.cat(
+            [
+                torch.cat([f.float().mean((2, 3)) for f in cache.get(ids[start : start + 64])[1:]], 1)
+                for start in range(0, len(ids), 64)
+            ]
+        ).numpy()
 
     train, test = pooled(train_ids), pooled(test_ids)
     mean, std = train.mean(0), train.std(0) + 1e-6
@@ -101,21 +118,38 @@ def main() -> None:
     splits = {}
     for split in args.splits:
         print(f"== normal classes {split}", flush=True)
-        splits[split] = run_split(base, ROOT / "bench/.work/cifar" / split, args.shared, SPLITS[split], args.models, args)
-    lines = ["| model | " + " | ".join(f"{{{s}}}" for s in args.splits) + " | mean |", "|---|" + "---:|" * (len(args.splits) + 1)]
+        splits[split] = run_split(
+            base, ROOT / "bench/.work/cifar" / split, args.shared, SPLITS[split], args.models, args
+        )
+    lines = [
+        "| model | " + " | ".join(f"{{{s}}}" for s in args.splits) + " | mean |",
+        "|---|" + "---:|" * (len(args.splits) + 1),
+    ]
     for name in args.models:
         values = [100 * splits[s]["models"][name]["image_auroc"] for s in args.splits]
-        lines.append(f"| {name} (ours, this run) | " + " | ".join(f"{v:.1f}" for v in values) + f" | {sum(values) / len(values):.1f} |")
+        lines.append(
+            f"| {name} (ours, this run) | "
+            + " | ".join(f"{v:.1f}" for v in values)
+            + f" | {sum(values) / len(values):.1f} |"
+        )
     values = [100 * splits[s]["models"]["knn"]["image_auroc"] for s in args.splits]
-    lines.append("| kNN on pooled features (reference, this run) | " + " | ".join(f"{v:.1f}" for v in values)
-                 + f" | {sum(values) / len(values):.1f} |")
+    lines.append(
+        "| kNN on pooled features (reference, this run) | "
+        + " | ".join(f"{v:.1f}" for v in values)
+        + f" | {sum(values) / len(values):.1f} |"
+    )
     paper = [PAPER_VQFLOW[s] for s in args.splits]
-    lines.append("| VQ-Flow (paper, full data, ConvNeXt) | " + " | ".join(f"{v:.1f}" for v in paper)
-                 + f" | {sum(paper) / len(paper):.1f} |")
+    lines.append(
+        "| VQ-Flow (paper, full data, ConvNeXt) | "
+        + " | ".join(f"{v:.1f}" for v in paper)
+        + f" | {sum(paper) / len(paper):.1f} |"
+    )
     first = splits[args.splits[0]]
-    note = (f"\n\nImage AUROC. Per split: {first['train_images']} normal training images (+ held-out validation), "
-            f"{first['test_images']} test images ({args.test_per_class} per class), {args.image_size} px, "
-            f"{args.epochs} epochs, packaged EfficientNet-Lite0. UniAD (paper) mean 87.2.")
+    note = (
+        f"\n\nImage AUROC. Per split: {first['train_images']} normal training images (+ held-out validation), "
+        f"{first['test_images']} test images ({args.test_per_class} per class), {args.image_size} px, "
+        f"{args.epochs} epochs, packaged EfficientNet-Lite0. UniAD (paper) mean 87.2."
+    )
     payload = {"settings": vars(args) | {"shared": str(args.shared)}, "splits": splits, "paper_vqflow": PAPER_VQFLOW}
     print(Path(write_results("cifar10", payload, "\n".join(lines) + note)).read_text())
 

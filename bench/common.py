@@ -25,8 +25,12 @@ def registered_models() -> list[str]:
 def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit or "unknown", "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit or "unknown",
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "processor": platform.processor() or platform.machine(),
     }
 
@@ -36,7 +40,9 @@ def write_results(name: str, payload: dict, table: str) -> Path:
     payload = {"machine": machine(), **payload}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     m = payload["machine"]
-    header = f"_{m['date']}, commit {m['commit']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads)_\n\n"
+    header = (
+        f"_{m['date']}, commit {m['commit']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads)_\n\n"
+    )
     (RESULTS / f"{name}.md").write_text(header + table + "\n")
     return RESULTS / f"{name}.md"
 

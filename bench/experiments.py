@@ -27,8 +27,16 @@ from vqflow.timing import timing_path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ROOT / "bench/.work/timing"  # each experiment's metrics/timing.json, copied after its run
 MODELS = registered_models()
-METRICS = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1max", "I-F1max"), ("pixel_auroc", "P-AUROC"),
-           ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "AUPRO"), ("mad", "mAD")]
+METRICS = [
+    ("image_auroc", "I-AUROC"),
+    ("image_ap", "I-AP"),
+    ("image_f1max", "I-F1max"),
+    ("pixel_auroc", "P-AUROC"),
+    ("pixel_ap", "P-AP"),
+    ("pixel_f1max", "P-F1max"),
+    ("pixel_aupro", "AUPRO"),
+    ("mad", "mAD"),
+]
 
 
 def suite_settings(suite: str, shared: str) -> dict[str, object]:
@@ -38,15 +46,22 @@ def suite_settings(suite: str, shared: str) -> dict[str, object]:
     if suite == "default":
         return {}
     if suite == "real":
-        sources = [{"kind": "mvtec", "root": f"{shared}/data/mvtec_ad", "categories": ["bottle"]},
-                   {"kind": "magnetic_tile", "root": f"{shared}/data/magnetic_tile"}]
+        sources = [
+            {"kind": "mvtec", "root": f"{shared}/data/mvtec_ad", "categories": ["bottle"]},
+            {"kind": "magnetic_tile", "root": f"{shared}/data/magnetic_tile"},
+        ]
         longer = {"epochs": 12, "lr_decay_epochs": [10]}
         # Magnetic Tile ships 4 empty and 6 anti-aliased masks: report them, do not stop on them
         # Magnetic Tile's images come in many sizes (cropped tiles): allowed for that category only
-        return {"prepare.sources": sources, "validate.warn_only": ["mask_not_empty", "mask_binary"],
-                "validate.variable_size_categories": ["magnetic_tile"],
-                "train.epochs": 8, "train.lr_decay_epochs": [6],
-                "train.per_model.vqflow": longer, "train.per_model.msflow": longer}
+        return {
+            "prepare.sources": sources,
+            "validate.warn_only": ["mask_not_empty", "mask_binary"],
+            "validate.variable_size_categories": ["magnetic_tile"],
+            "train.epochs": 8,
+            "train.lr_decay_epochs": [6],
+            "train.per_model.vqflow": longer,
+            "train.per_model.msflow": longer,
+        }
     raise SystemExit(f"unknown suite {suite!r}: default | real")
 
 
@@ -104,8 +119,10 @@ def run(suite: str, models: list[str], shared: str) -> None:
         subprocess.run(["git", "checkout", "--", *tracked], cwd=ROOT, check=True)
         # outputs of the committed lock may be missing from the cache (a lock older than the code): say so, go on
         if subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT).returncode:
-            print("note: `dvc checkout` could not restore every output of the committed dvc.lock; run `dvc repro`",
-                  flush=True)
+            print(
+                "note: `dvc checkout` could not restore every output of the committed dvc.lock; run `dvc repro`",
+                flush=True,
+            )
 
 
 def experiments() -> dict[str, dict]:
@@ -136,29 +153,57 @@ def table(suite: str, readme: Path) -> str:
         train_params = {**exp["params"]["train"], **exp["params"]["train"].get("per_model", {}).get(model, {})}
         train_params.pop("per_model", None)
         timed = read_json(TIMING / f"{suite}-{model}.json")
-        record = {"experiment": f"{suite}-{model}", "rev": exp["rev"], "model": model, **m["mean"],
-                  "fps": timed["evaluate"]["fps"], "train_seconds": timed["train"]["training_seconds"],
-                  "epochs": m.get("epochs", train_params["epochs"]),
-                  "per_category": {c: v["image_auroc"] for c, v in m["per_category"].items()}}
+        record = {
+            "experiment": f"{suite}-{model}",
+            "rev": exp["rev"],
+            "model": model,
+            **m["mean"],
+            "fps": timed["evaluate"]["fps"],
+            "train_seconds": timed["train"]["training_seconds"],
+            "epochs": m.get("epochs", train_params["epochs"]),
+            "per_category": {c: v["image_auroc"] for c, v in m["per_category"].items()},
+        }
         records.append(record)
         time = f"{record['train_seconds']:.0f}" if record["train_seconds"] is not None else "n/a"
         budget = f"{record['epochs']} ep" if record["epochs"] else "fit only"
-        rows.append(f"| {model} | " + " | ".join(f"{100 * m['mean'][k]:.1f}" for k, _ in METRICS)
-                    + f" | {record['fps']:.1f} | {time} ({budget}) |")
+        rows.append(
+            f"| {model} | "
+            + " | ".join(f"{100 * m['mean'][k]:.1f}" for k, _ in METRICS)
+            + f" | {record['fps']:.1f} | {time} ({budget}) |"
+        )
     if not rows:
-        raise SystemExit(f"no finished experiments named {suite}-<model>: run `python bench/experiments.py run --suite {suite}`")
-    header = ("| model | " + " | ".join(label for _, label in METRICS) + " | FPS | train s |\n"
-              "|---|" + "---:|" * (len(METRICS) + 2))
+        raise SystemExit(
+            f"no finished experiments named {suite}-<model>: run `python bench/experiments.py run --suite {suite}`"
+        )
+    header = (
+        "| model | " + " | ".join(label for _, label in METRICS) + " | FPS | train s |\n"
+        "|---|" + "---:|" * (len(METRICS) + 2)
+    )
     body = header + "\n" + "\n".join(rows)
     categories = sorted({c for r in records for c in r["per_category"]})
-    body += ("\n\nImage AUROC per category:\n\n| model | " + " | ".join(categories) + " |\n|---|" + "---:|" * len(categories)
-             + "\n" + "\n".join(f"| {r['model']} | " + " | ".join(f"{100 * r['per_category'].get(c, float('nan')):.1f}"
-                                                                  for c in categories) + " |" for r in records))
+    body += (
+        "\n\nImage AUROC per category:\n\n| model | "
+        + " | ".join(categories)
+        + " |\n|---|"
+        + "---:|" * len(categories)
+        + "\n"
+        + "\n".join(
+            f"| {r['model']} | "
+            + " | ".join(f"{100 * r['per_category'].get(c, float('nan')):.1f}" for c in categories)
+            + " |"
+            for r in records
+        )
+    )
     md = write_results(f"experiments_{suite}", {"suite": suite, "experiments": records}, body)
     m = machine()
-    replace_readme_block(readme, f"experiments:{suite}", (
-        f"_`python bench/experiments.py table --suite {suite}`, {m['date']}, commit {m['commit']}, "
-        f"{m['cpus']} cores, torch {m['torch']}; FPS = decode + backbone + model + maps, batch 16_\n\n{body}\n"))
+    replace_readme_block(
+        readme,
+        f"experiments:{suite}",
+        (
+            f"_`python bench/experiments.py table --suite {suite}`, {m['date']}, commit {m['commit']}, "
+            f"{m['cpus']} cores, torch {m['torch']}; FPS = decode + backbone + model + maps, batch 16_\n\n{body}\n"
+        ),
+    )
     return md.read_text()
 
 

@@ -37,12 +37,23 @@ def _champion_on_main(repo: Path) -> str:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     work = Path(tempfile.mkdtemp(prefix="vqflow-faults-"))
-    os.environ.update({"BENTOML_HOME": str(work / "bentoml"), "PREFECT_HOME": str(work / "prefect"),
-                       "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    os.environ.update(
+        {
+            "BENTOML_HOME": str(work / "bentoml"),
+            "PREFECT_HOME": str(work / "prefect"),
+            "DVC_NO_ANALYTICS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TQDM_DISABLE": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
     repo = scratch_repo(Path(tempfile.mkdtemp(dir=work)))
-    first = subprocess.run([sys.executable, "-c", f"from flows.pipeline import pipeline; pipeline({str(repo)!r})"],
-                           cwd=ROOT, capture_output=True, text=True)
+    first = subprocess.run(
+        [sys.executable, "-c", f"from flows.pipeline import pipeline; pipeline({str(repo)!r})"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "first run"], cwd=repo, check=True)
@@ -61,17 +72,28 @@ def main() -> None:
         if name == "after landing" and "already committed by an interrupted run" not in second.output:
             problems.append("the second run did not recognise the landed images")
         left = sum(p.exists() for p in new)
-        rows.append({"kill point": name, "killed": killed.killed, "killed after s": round(killed.seconds, 1),
-                     "second run ok": second.returncode == 0 and "RESULT" in second.output,
-                     "second run s": round(second.seconds, 1), "images left in inbox": left,
-                     "problems": problems})
+        rows.append(
+            {
+                "kill point": name,
+                "killed": killed.killed,
+                "killed after s": round(killed.seconds, 1),
+                "second run ok": second.returncode == 0 and "RESULT" in second.output,
+                "second run s": round(second.seconds, 1),
+                "images left in inbox": left,
+                "problems": problems,
+            }
+        )
         print(rows[-1], flush=True)
-    table = ["| kill -9 point | killed | after (s) | second run | second run (s) | images left in inbox | invariants |",
-             "|---|---|---:|---|---:|---:|---|"]
+    table = [
+        "| kill -9 point | killed | after (s) | second run | second run (s) | images left in inbox | invariants |",
+        "|---|---|---:|---|---:|---:|---|",
+    ]
     for r in rows:
-        table.append(f"| {r['kill point']} | {'yes' if r['killed'] else 'NO'} | {r['killed after s']} | "
-                     f"{'succeeded' if r['second run ok'] else 'FAILED'} | {r['second run s']} | "
-                     f"{r['images left in inbox']} | {'hold' if not r['problems'] else '; '.join(r['problems'])} |")
+        table.append(
+            f"| {r['kill point']} | {'yes' if r['killed'] else 'NO'} | {r['killed after s']} | "
+            f"{'succeeded' if r['second run ok'] else 'FAILED'} | {r['second run s']} | "
+            f"{r['images left in inbox']} | {'hold' if not r['problems'] else '; '.join(r['problems'])} |"
+        )
     path = write_results("fault_injection", {"cases": rows}, "\n".join(table))
     print(path.read_text())
     if any(r["problems"] or not r["second run ok"] or not r["killed"] for r in rows):

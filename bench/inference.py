@@ -67,13 +67,17 @@ def measure(params: dict, repeats: int, models: list[str], scores_out: Path | No
                 x = images[:batch]
                 model_s = _median_seconds(lambda: model.predict(f), repeats)
                 total_s = _median_seconds(lambda: model.predict(backbone(x)), repeats)
-                row[f"batch{batch}"] = {"images_per_s": batch / total_s, "ms_per_image": 1000 * total_s / batch,
-                                        "model_ms": 1000 * model_s, "backbone_ms": 1000 * (total_s - model_s)}
+                row[f"batch{batch}"] = {
+                    "images_per_s": batch / total_s,
+                    "ms_per_image": 1000 * total_s / batch,
+                    "model_ms": 1000 * model_s,
+                    "backbone_ms": 1000 * (total_s - model_s),
+                }
             results["models"][name] = row
         if scores_out is not None:
             scores = []
             for start in range(0, len(test), 16):
-                batch = load_batch(test.path.tolist()[start: start + 16], spec.image_size)
+                batch = load_batch(test.path.tolist()[start : start + 16], spec.image_size)
                 scores.append(trained.predict(backbone(batch)).scores.numpy())
             np.save(scores_out, np.concatenate(scores))
     results["trained_model"] = meta["model"]
@@ -85,8 +89,11 @@ def measure(params: dict, repeats: int, models: list[str], scores_out: Path | No
 def _fresh(name: str, params: dict, features):
     from vqflow.models import config_from_params, create_model
 
-    _, config = config_from_params({**params["model"], "name": name}, in_channels=[int(f.shape[1]) for f in features],
-                                   image_size=int(params["features"]["image_size"]))
+    _, config = config_from_params(
+        {**params["model"], "name": name},
+        in_channels=[int(f.shape[1]) for f in features],
+        image_size=int(params["features"]["image_size"]),
+    )
     model = create_model(name, config)
     model.initialize([f.clone() for f in features])
     return model
@@ -95,13 +102,31 @@ def _fresh(name: str, params: dict, features):
 def run_baseline(rev: str, args) -> tuple[dict, Path]:
     """The same measurement with the ``vqflow`` package of commit ``rev`` (checked out in a worktree)."""
     tmp = Path(tempfile.mkdtemp(prefix="vqflow-baseline-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "tree"), rev], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(tmp / "tree"), rev], cwd=ROOT, check=True, capture_output=True
+    )
     try:
         out, scores = tmp / "result.json", tmp / "scores.npy"
         env = {**os.environ, "PYTHONPATH": str(tmp / "tree")}
-        subprocess.run([sys.executable, __file__, "--worker", str(out), "--scores-out", str(scores), "--repeats",
-                        str(args.repeats), "--params", str(tmp / "tree/params.yaml"), "--models", *args.models],
-                       cwd=ROOT, env=env, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(out),
+                "--scores-out",
+                str(scores),
+                "--repeats",
+                str(args.repeats),
+                "--params",
+                str(tmp / "tree/params.yaml"),
+                "--models",
+                *args.models,
+            ],
+            cwd=ROOT,
+            env=env,
+            check=True,
+        )
         return json.loads(out.read_text()), scores
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT, capture_output=True)
@@ -114,7 +139,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", help="default: every registered model")
     parser.add_argument("--baseline-rev", help="also measure the library of this commit and compare the scores")
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="model knobs (a baseline uses its own)")
+    parser.add_argument(
+        "--params", type=Path, default=ROOT / "params.yaml", help="model knobs (a baseline uses its own)"
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scores-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,8 +161,11 @@ def main() -> None:
     current_scores = Path(tempfile.mkdtemp()) / "scores.npy"
     current = measure(params, args.repeats, args.models, current_scores)
     payload = {"current": current}
-    lines = ["| model | batch | images/s | ms/image | backbone ms (total - model) | model ms |" + (" before images/s |" if args.baseline_rev else ""),
-             "|---|---:|---:|---:|---:|---:|" + ("---:|" if args.baseline_rev else "")]
+    lines = [
+        "| model | batch | images/s | ms/image | backbone ms (total - model) | model ms |"
+        + (" before images/s |" if args.baseline_rev else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if args.baseline_rev else ""),
+    ]
     baseline = None
     if args.baseline_rev:
         baseline, baseline_scores = run_baseline(args.baseline_rev, args)
@@ -146,16 +176,22 @@ def main() -> None:
     for name, row in current["models"].items():
         for batch in (1, 16):
             r = row[f"batch{batch}"]
-            line = (f"| {name} | {batch} | {r['images_per_s']:.1f} | {r['ms_per_image']:.1f} | {r['backbone_ms']:.0f} | "
-                    f"{r['model_ms']:.0f} |")
+            line = (
+                f"| {name} | {batch} | {r['images_per_s']:.1f} | {r['ms_per_image']:.1f} | {r['backbone_ms']:.0f} | "
+                f"{r['model_ms']:.0f} |"
+            )
             if baseline is not None:
                 line += f" {baseline['models'][name][f'batch{batch}']['images_per_s']:.1f} |"
             lines.append(line)
-    notes = [f"\nDecoding + resizing: {current['decode_ms_per_image']:.1f} ms/image (not in images/s). "
-             f"Peak RSS {current['peak_rss_mib']:.0f} MiB. Times are for one batch (median of {args.repeats})."]
+    notes = [
+        f"\nDecoding + resizing: {current['decode_ms_per_image']:.1f} ms/image (not in images/s). "
+        f"Peak RSS {current['peak_rss_mib']:.0f} MiB. Times are for one batch (median of {args.repeats})."
+    ]
     if baseline is not None:
-        notes.append(f"Before = the library at {args.baseline_rev}; the trained {current['trained_model']} model's test "
-                     f"scores differ by at most {payload['max_abs_score_difference']:.2g}.")
+        notes.append(
+            f"Before = the library at {args.baseline_rev}; the trained {current['trained_model']} model's test "
+            f"scores differ by at most {payload['max_abs_score_difference']:.2g}."
+        )
     print(Path(write_results("inference", payload, "\n".join(lines) + "\n" + " ".join(notes))).read_text())
 
 

@@ -51,15 +51,25 @@ def lite0_pre_processor(size: int = 256):
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
     cfg = timm.models.get_pretrained_cfg(BACKBONE).to_dict()
-    return PreProcessor(transform=Compose([Resize((size, size), antialias=True),
-                                           Normalize(mean=list(cfg["mean"]), std=list(cfg["std"]))]))
+    return PreProcessor(
+        transform=Compose(
+            [Resize((size, size), antialias=True), Normalize(mean=list(cfg["mean"]), std=list(cfg["std"]))]
+        )
+    )
 
 
 def build_cflow():
     from anomalib.models import Cflow
 
-    model = Cflow(backbone=BACKBONE, layers=("blocks.2", "blocks.4", "blocks.6"), pre_trained=False,
-                  pre_processor=lite0_pre_processor(), post_processor=False, evaluator=False, visualizer=False)
+    model = Cflow(
+        backbone=BACKBONE,
+        layers=("blocks.2", "blocks.4", "blocks.6"),
+        pre_trained=False,
+        pre_processor=lite0_pre_processor(),
+        post_processor=False,
+        evaluator=False,
+        visualizer=False,
+    )
     extractor = model.model.encoder.feature_extractor
     load_state(extractor, packaged_state_dict(BACKBONE))
     return model
@@ -79,7 +89,14 @@ def build_fastflow():
 
     torch_model.timm.create_model = create
     try:
-        model = Fastflow(backbone="resnet18", pre_trained=False, pre_processor=lite0_pre_processor(), post_processor=False, evaluator=False, visualizer=False)
+        model = Fastflow(
+            backbone="resnet18",
+            pre_trained=False,
+            pre_processor=lite0_pre_processor(),
+            post_processor=False,
+            evaluator=False,
+            visualizer=False,
+        )
         model.model  # noqa: B018  (built lazily on first access in some versions)
     finally:
         torch_model.timm.create_model = original
@@ -89,8 +106,14 @@ def build_fastflow():
 def anomalib_dataset(frame: pd.DataFrame):
     from anomalib.data.datasets.base.image import AnomalibDataset
 
-    samples = pd.DataFrame({"image_path": frame.path.values, "label_index": frame.label.astype(int).values,
-                            "mask_path": frame.mask_path.fillna("").values, "split": frame.split.values})
+    samples = pd.DataFrame(
+        {
+            "image_path": frame.path.values,
+            "label_index": frame.label.astype(int).values,
+            "mask_path": frame.mask_path.fillna("").values,
+            "split": frame.split.values,
+        }
+    )
     samples.attrs["task"] = "segmentation"
     dataset = AnomalibDataset()
     dataset.samples = samples
@@ -127,9 +150,18 @@ def run_peer(name: str, manifest: pd.DataFrame, epochs: int, work: Path) -> dict
     test_frame = manifest[manifest.split == "test"].reset_index(drop=True)
     test = anomalib_dataset(test_frame)
     timer = EpochTimer()
-    engine = Engine(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=[timer.callback],
-                    default_root_dir=str(work / name), enable_progress_bar=False)
-    train_loader = DataLoader(train, batch_size=16, shuffle=True, collate_fn=train.collate_fn, num_workers=0, drop_last=True)
+    engine = Engine(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[timer.callback],
+        default_root_dir=str(work / name),
+        enable_progress_bar=False,
+    )
+    train_loader = DataLoader(
+        train, batch_size=16, shuffle=True, collate_fn=train.collate_fn, num_workers=0, drop_last=True
+    )
     started = time.perf_counter()
     engine.fit(model, train_dataloaders=train_loader)
     train_seconds = time.perf_counter() - started
@@ -140,11 +172,18 @@ def run_peer(name: str, manifest: pd.DataFrame, epochs: int, work: Path) -> dict
     paths = [str(Path(p).resolve()) for b in batches for p in b.image_path]
     order = pd.Series(range(len(paths)), index=paths).loc[[str(Path(p).resolve()) for p in test_frame.path]].to_numpy()
     scores = torch.cat([b.pred_score.flatten() for b in batches]).double().numpy()[order]
-    maps = torch.cat([b.anomaly_map.reshape(len(b.pred_score), *b.anomaly_map.shape[-2:])
-                      for b in batches]).float().numpy()[order]
+    maps = (
+        torch.cat([b.anomaly_map.reshape(len(b.pred_score), *b.anomaly_map.shape[-2:]) for b in batches])
+        .float()
+        .numpy()[order]
+    )
     size = maps.shape[-1]
-    masks = np.stack([resize_mask(load_mask(m or None, (int(w), int(h))), size)
-                      for m, w, h in zip(test_frame.mask_path, test_frame.width, test_frame.height)])
+    masks = np.stack(
+        [
+            resize_mask(load_mask(m or None, (int(w), int(h))), size)
+            for m, w, h in zip(test_frame.mask_path, test_frame.width, test_frame.height)
+        ]
+    )
     metrics = evaluate_categories(test_frame.category.to_numpy(), test_frame.label.to_numpy(), scores, maps, masks, 0.3)
 
     model.model.eval()
@@ -156,9 +195,15 @@ def run_peer(name: str, manifest: pd.DataFrame, epochs: int, work: Path) -> dict
             t = time.perf_counter()
             model.model(x)
             times.append(time.perf_counter() - t)
-    return {"epochs": epochs, "train_seconds": train_seconds, "seconds_per_epoch": statistics.median(timer.seconds),
-            "predict_images_per_s": len(test_frame) / predict_seconds, "forward_images_per_s_batch16": 16 / statistics.median(times),
-            "mean": metrics["mean"], "per_category": {c: v["image_auroc"] for c, v in metrics["per_category"].items()}}
+    return {
+        "epochs": epochs,
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": statistics.median(timer.seconds),
+        "predict_images_per_s": len(test_frame) / predict_seconds,
+        "forward_images_per_s_batch16": 16 / statistics.median(times),
+        "mean": metrics["mean"],
+        "per_category": {c: v["image_auroc"] for c, v in metrics["per_category"].items()},
+    }
 
 
 RESULTS_JSON = ROOT / "bench/results/peer_anomalib.json"
@@ -168,15 +213,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=ROOT / "data/manifest.csv")
     parser.add_argument("--epochs", nargs="+", default=["cflow=20", "fastflow=20"], help="model=epochs")
-    parser.add_argument("--table-only", action="store_true",
-                        help="keep the anomalib runs of the last results file (they do not depend on vqflow's code) "
-                             "and rebuild the table with our current experiments")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="keep the anomalib runs of the last results file (they do not depend on vqflow's code) "
+        "and rebuild the table with our current experiments",
+    )
     args = parser.parse_args()
     previous = RESULTS_JSON.is_file() and read_json(RESULTS_JSON)
     if args.table_only:
         if not previous:
             raise SystemExit(f"{RESULTS_JSON}: no earlier anomalib run to reuse; run without --table-only")
-        version, peers, measured = previous["anomalib"], previous["peers"], previous.get("anomalib_measured", previous["machine"])
+        version, peers, measured = (
+            previous["anomalib"],
+            previous["peers"],
+            previous.get("anomalib_measured", previous["machine"]),
+        )
     else:
         import anomalib
 
@@ -190,28 +242,46 @@ def main() -> None:
             print(json.dumps(peers[name]["mean"]), flush=True)
     ours_path = ROOT / "bench/results/experiments_default.json"
     ours = read_json(ours_path)["experiments"] if ours_path.is_file() else []
-    lines = ["| implementation | model | epochs | train s (s/epoch) | inference images/s | image AUROC | pixel AUROC | pixel AP "
-             "| AUPRO | mAD |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| implementation | model | epochs | train s (s/epoch) | inference images/s | image AUROC | pixel AUROC | pixel AP "
+        "| AUPRO | mAD |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def quality(mean: dict) -> str:
-        return " | ".join(f"{100 * mean[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro", "mad"))
+        return " | ".join(
+            f"{100 * mean[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro", "mad")
+        )
 
     for r in ours:
         epochs = r["epochs"]
         per_epoch = f"{r['train_seconds'] / epochs:.1f}" if r.get("train_seconds") and epochs else "fit only"
-        lines.append(f"| vqflow (ours) | {r['model']} | {epochs} | {r['train_seconds'] or float('nan'):.0f} ({per_epoch}) | "
-                     f"{r['fps']:.1f} | {quality(r)} |")
+        lines.append(
+            f"| vqflow (ours) | {r['model']} | {epochs} | {r['train_seconds'] or float('nan'):.0f} ({per_epoch}) | "
+            f"{r['fps']:.1f} | {quality(r)} |"
+        )
     for name, r in peers.items():
-        lines.append(f"| anomalib {version} | {name} | {r['epochs']} | {r['train_seconds']:.0f} ({r['seconds_per_epoch']:.1f}) | "
-                     f"{r['predict_images_per_s']:.1f} | {quality(r['mean'])} |")
-    note = ("\n\nSame manifest (train split / test split), 256 px, packaged EfficientNet-Lite0 weights, one unified model, "
-            "metrics = mean over categories by vqflow's evaluator. Inference images/s = reading + decoding + model + maps over "
-            "the test split (ours: the evaluate stage's `fps`, batch 16).")
+        lines.append(
+            f"| anomalib {version} | {name} | {r['epochs']} | {r['train_seconds']:.0f} ({r['seconds_per_epoch']:.1f}) | "
+            f"{r['predict_images_per_s']:.1f} | {quality(r['mean'])} |"
+        )
+    note = (
+        "\n\nSame manifest (train split / test split), 256 px, packaged EfficientNet-Lite0 weights, one unified model, "
+        "metrics = mean over categories by vqflow's evaluator. Inference images/s = reading + decoding + model + maps over "
+        "the test split (ours: the evaluate stage's `fps`, batch 16)."
+    )
     if measured:
-        note += (f" The anomalib rows are the run of {measured['date']} (commit {measured['commit']}), reused by "
-                 "`--table-only`: they do not depend on vqflow's code.")
-    payload = {"anomalib": version, "peers": peers, "ours": ours, "anomalib_measured": measured or None,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        note += (
+            f" The anomalib rows are the run of {measured['date']} (commit {measured['commit']}), reused by "
+            "`--table-only`: they do not depend on vqflow's code."
+        )
+    payload = {
+        "anomalib": version,
+        "peers": peers,
+        "ours": ours,
+        "anomalib_measured": measured or None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     print(Path(write_results("peer_anomalib", payload, "\n".join(lines) + note)).read_text())
 
 

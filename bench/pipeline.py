@@ -37,7 +37,7 @@ def bench_features(params: dict, repeats: int) -> dict:
     def extract():
         with torch.inference_mode():
             for start in range(0, len(paths), 16):
-                backbone(load_batch(paths[start: start + 16], spec.image_size))
+                backbone(load_batch(paths[start : start + 16], spec.image_size))
 
     extract()
     times = []
@@ -58,14 +58,22 @@ def bench_train(params: dict, name: str, epochs: int) -> dict:
 
     manifest, cache = stages._manifest_and_cache(params)
     features = cache.get(manifest.loc[manifest.split == "train", "image_id"].tolist())
-    _, config = config_from_params({**params["model"], "name": name}, in_channels=[int(f.shape[1]) for f in features],
-                                   image_size=cache.spec.image_size)
+    _, config = config_from_params(
+        {**params["model"], "name": name},
+        in_channels=[int(f.shape[1]) for f in features],
+        image_size=cache.spec.image_size,
+    )
     cfg = TrainConfig.from_params({**params["train"], "epochs": epochs + 1, "device": "cpu"}, name)
     history = train_model(create_model(name, config), features, cfg, torch.device("cpu"), progress=False)
     per_epoch = statistics.median(row["seconds"] for row in history[1:])
     configured = TrainConfig.from_params(params["train"], name).epochs
-    return {"images": len(features[0]), "seconds_per_epoch": per_epoch, "epochs": configured,
-            "seconds_total": per_epoch * configured, "peak_rss_mib": _peak_mib()}
+    return {
+        "images": len(features[0]),
+        "seconds_per_epoch": per_epoch,
+        "epochs": configured,
+        "seconds_total": per_epoch * configured,
+        "peak_rss_mib": _peak_mib(),
+    }
 
 
 def bench_metrics(params: dict, repeats: int) -> dict:
@@ -83,8 +91,12 @@ def bench_metrics(params: dict, repeats: int) -> dict:
     model, _ = load_model(params["outputs"]["model"])
     scored = score_cached(model, cache, test.image_id.tolist(), torch.device("cpu"), progress=False)
     size = scored.maps.shape[-1]
-    masks = np.stack([resize_mask(load_mask(m or None, (int(w), int(h))), size)
-                      for m, w, h in zip(test.mask_path, test.width, test.height)])
+    masks = np.stack(
+        [
+            resize_mask(load_mask(m or None, (int(w), int(h))), size)
+            for m, w, h in zip(test.mask_path, test.width, test.height)
+        ]
+    )
     args = (test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks)
     times = []
     for _ in range(repeats):
@@ -123,20 +135,33 @@ def main() -> None:
 
     def run(part: str) -> dict:
         print(f"-- {part}", flush=True)
-        out = subprocess.run([sys.executable, __file__, "--worker", part, "--repeats", str(args.repeats), "--epochs",
-                              str(args.epochs)], cwd=ROOT, check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", part, "--repeats", str(args.repeats), "--epochs", str(args.epochs)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    results = {"features": run("features"), "metrics": run("metrics"),
-               "train": {name: run(f"train:{name}") for name in args.models}}
+    results = {
+        "features": run("features"),
+        "metrics": run("metrics"),
+        "train": {name: run(f"train:{name}") for name in args.models},
+    }
     f, m = results["features"], results["metrics"]
-    lines = ["| step | speed | peak RSS MiB |", "|---|---:|---:|",
-             f"| feature extraction (decode + backbone, batch 16) | {f['images_per_s']:.1f} images/s | {f['peak_rss_mib']:.0f} |",
-             f"| metrics: 7 metrics x {m['images']} test images at {m['map_size']} px, AUPRO incl. | {m['seconds']:.2f} s | "
-             f"{m['peak_rss_mib']:.0f} |"]
+    lines = [
+        "| step | speed | peak RSS MiB |",
+        "|---|---:|---:|",
+        f"| feature extraction (decode + backbone, batch 16) | {f['images_per_s']:.1f} images/s | {f['peak_rss_mib']:.0f} |",
+        f"| metrics: 7 metrics x {m['images']} test images at {m['map_size']} px, AUPRO incl. | {m['seconds']:.2f} s | "
+        f"{m['peak_rss_mib']:.0f} |",
+    ]
     for name, t in results["train"].items():
-        lines.append(f"| train {name} ({t['images']} images) | {t['seconds_per_epoch']:.1f} s/epoch, "
-                     f"{t['seconds_total']:.0f} s for {t['epochs']} epochs | {t['peak_rss_mib']:.0f} |")
+        lines.append(
+            f"| train {name} ({t['images']} images) | {t['seconds_per_epoch']:.1f} s/epoch, "
+            f"{t['seconds_total']:.0f} s for {t['epochs']} epochs | {t['peak_rss_mib']:.0f} |"
+        )
     print(Path(write_results("pipeline", results, "\n".join(lines))).read_text())
 
 

@@ -19,36 +19,69 @@ PEER_PYTHON = ROOT / ".venv-peer/bin/python"
 
 # name -> (command, results file stem, title); run in this order
 STEPS = {
-    "experiments-default": ([sys.executable, "bench/experiments.py", "run", "--suite", "default"], "experiments_default",
-                            "Every model on the embedded default dataset (DVC experiments)"),
-    "experiments-real": ([sys.executable, "bench/experiments.py", "run", "--suite", "real", "--shared", "../shared"],
-                         "experiments_real", "Every model on MVTec AD bottle + Magnetic Tile, one unified model"),
-    "ablation-default": ([sys.executable, "bench/ablation.py", "--suite", "default"], "ablation_default",
-                         "VQ-Flow's parts (paper Table 4) on the default dataset"),
-    "score-rules-default": ([sys.executable, "bench/score_rules.py", "--suite", "default"], "score_rules_default",
-                            "Image score rules on one trained VQ-Flow (default dataset)"),
-    "score-rules-real": ([sys.executable, "bench/score_rules.py", "--suite", "real", "--experiment", "real-vqflow"],
-                         "score_rules_real", "Image score rules on one trained VQ-Flow (real data)"),
+    "experiments-default": (
+        [sys.executable, "bench/experiments.py", "run", "--suite", "default"],
+        "experiments_default",
+        "Every model on the embedded default dataset (DVC experiments)",
+    ),
+    "experiments-real": (
+        [sys.executable, "bench/experiments.py", "run", "--suite", "real", "--shared", "../shared"],
+        "experiments_real",
+        "Every model on MVTec AD bottle + Magnetic Tile, one unified model",
+    ),
+    "ablation-default": (
+        [sys.executable, "bench/ablation.py", "--suite", "default"],
+        "ablation_default",
+        "VQ-Flow's parts (paper Table 4) on the default dataset",
+    ),
+    "score-rules-default": (
+        [sys.executable, "bench/score_rules.py", "--suite", "default"],
+        "score_rules_default",
+        "Image score rules on one trained VQ-Flow (default dataset)",
+    ),
+    "score-rules-real": (
+        [sys.executable, "bench/score_rules.py", "--suite", "real", "--experiment", "real-vqflow"],
+        "score_rules_real",
+        "Image score rules on one trained VQ-Flow (real data)",
+    ),
     "pipeline": ([sys.executable, "bench/pipeline.py"], "pipeline", "Feature extraction, training and metrics"),
-    "inference": ([sys.executable, "bench/inference.py"], "inference",
-                  "Inference speed (256 px, EfficientNet-Lite0)"),
+    "inference": ([sys.executable, "bench/inference.py"], "inference", "Inference speed (256 px, EfficientNet-Lite0)"),
     "aupro": ([sys.executable, "bench/aupro.py"], "aupro", "AUPRO: ours vs. the slow exact reference"),
     "service": ([sys.executable, "bench/service_load.py"], "service_load", "`bentoml serve` under load"),
-    "cifar": ([sys.executable, "bench/cifar.py", "--shared", str(SHARED)], "cifar10", "CIFAR-10 semantic anomaly detection"),
-    "peer": ([str(PEER_PYTHON), "bench/peer_anomalib.py"], "peer_anomalib", "Side by side with anomalib (same data, weights, resolution)"),
+    "cifar": (
+        [sys.executable, "bench/cifar.py", "--shared", str(SHARED)],
+        "cifar10",
+        "CIFAR-10 semantic anomaly detection",
+    ),
+    "peer": (
+        [str(PEER_PYTHON), "bench/peer_anomalib.py"],
+        "peer_anomalib",
+        "Side by side with anomalib (same data, weights, resolution)",
+    ),
 }
 
 
 def summary() -> Path:
-    sections = [(stem, title, (RESULTS / f"{stem}.md").read_text().strip()) for _, stem, title in STEPS.values()
-                if (RESULTS / f"{stem}.md").is_file()]
+    sections = [
+        (stem, title, (RESULTS / f"{stem}.md").read_text().strip())
+        for _, stem, title in STEPS.values()
+        if (RESULTS / f"{stem}.md").is_file()
+    ]
     intro = "Each table carries the date, commit and machine it was measured on (`python bench/run_all.py --summary`)."
-    (RESULTS / "SUMMARY.md").write_text("# Benchmark summary\n\n" + intro + "\n\n"
-                                        + "\n\n".join(f"## {title}\n\n{text}" for _, title, text in sections) + "\n")
+    (RESULTS / "SUMMARY.md").write_text(
+        "# Benchmark summary\n\n"
+        + intro
+        + "\n\n"
+        + "\n\n".join(f"## {title}\n\n{text}" for _, title, text in sections)
+        + "\n"
+    )
     readme = ROOT / "README.md"
     # the README shows the experiment tables in their own sections (their own markers)
-    block = "\n\n".join(f"#### {title}\n\n{text}" for stem, title, text in sections
-                        if not stem.startswith(("experiments_", "ablation_", "score_rules_")))
+    block = "\n\n".join(
+        f"#### {title}\n\n{text}"
+        for stem, title, text in sections
+        if not stem.startswith(("experiments_", "ablation_", "score_rules_"))
+    )
     pattern = re.compile(r"(<!-- bench:summary -->\n).*?(<!-- /bench:summary -->)", re.S)
     text = readme.read_text()
     if pattern.search(text):
@@ -62,7 +95,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="only rebuild the summary from existing results")
     args = parser.parse_args()
     failed = []
-    for name in ([] if args.summary else args.only or list(STEPS)):
+    for name in [] if args.summary else args.only or list(STEPS):
         command = STEPS[name][0]
         if name in ("experiments-real", "score-rules-real", "cifar") and not SHARED.is_dir():
             print(f"-- {name}: skipped, {SHARED} is absent", flush=True)

@@ -35,7 +35,7 @@ def log_p_maps(model, cache, ids: list[str]) -> tuple[list[torch.Tensor], torch.
     maps, totals = [], []
     with torch.inference_mode():
         for start in range(0, len(ids), 16):
-            zs, logdet, proto_q, _ = model.encode(cache.get(ids[start: start + 16]))
+            zs, logdet, proto_q, _ = model.encode(cache.get(ids[start : start + 16]))
             maps.append(model.log_p_maps(zs, proto_q))
             totals.append(model.log_likelihood(zs, logdet, proto_q))
     return [torch.cat([m[level] for m in maps]) for level in range(3)], torch.cat(totals)
@@ -45,14 +45,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="default", choices=["default", "real"])
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
-    parser.add_argument("--experiment", help="use this DVC experiment's trained model instead of the ablation's "
-                                             "(`dvc exp apply` into the workspace, restored to HEAD afterwards)")
+    parser.add_argument(
+        "--experiment",
+        help="use this DVC experiment's trained model instead of the ablation's "
+        "(`dvc exp apply` into the workspace, restored to HEAD afterwards)",
+    )
     args = parser.parse_args()
     if args.experiment:
         # `dvc exp apply` rewrites tracked files with the experiment's versions: only on a clean work tree, which
         # is restored to HEAD afterwards; the results are written after that
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         if dirty:
             raise SystemExit(f"--experiment needs a clean work tree (commit or stash first):\n{dirty}")
         subprocess.run(["dvc", "exp", "apply", args.experiment], cwd=ROOT, check=True)
@@ -103,12 +107,15 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     train_relative, image_relative = log_map(maps, size, total_max), log_map(maps, size)
     position, per_scale = z_sum(maps, True), z_sum(maps, False)
     rules = {
-        "top 3 % of c_train - sum_l log p_l (our rule: MSFlow's top-k, training reference, log domain)":
-            top_k_score(train_relative, 0.03),
+        "top 3 % of c_train - sum_l log p_l (our rule: MSFlow's top-k, training reference, log domain)": top_k_score(
+            train_relative, 0.03
+        ),
         "top 1 % of c_train - sum_l log p_l": top_k_score(train_relative, 0.01),
         "top 0.1 % of c_train - sum_l log p_l (about one stride-8 cell)": top_k_score(train_relative, 0.001),
         "max of c_train - sum_l log p_l": train_relative.flatten(1).amax(1),
-        "top 3 % relative to the image's own max (MSFlow's normalisation, log domain)": top_k_score(image_relative, 0.03),
+        "top 3 % relative to the image's own max (MSFlow's normalisation, log domain)": top_k_score(
+            image_relative, 0.03
+        ),
         "top 3 % of the add map (training references)": top_k_score(add_map(maps, size, scale_max), 0.03),
         "max of the add map (training references)": add_map(maps, size, scale_max).flatten(1).amax(1),
         "- total log-likelihood (log p(x) with log-det)": -log_likelihood,
@@ -125,10 +132,14 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
         per = {c: auroc(labels[categories == c], scores.numpy()[categories == c]) for c in names}
         results[rule] = {"per_category": per, "mean": float(np.mean(list(per.values())))}
     lines = ["| image score rule | " + " | ".join(names) + " | mean |", "|---|" + "---:|" * (len(names) + 1)]
-    lines += [f"| {rule} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in names) + f" | {100 * r['mean']:.1f} |"
-              for rule, r in results.items()]
-    note = (f"\n\nImage AUROC of {source} ({suite} suite) under each rule, same model and maps. "
-            "z_l statistics, c_train = fitted on the training images after training; log p_l = per-scale map, upsampled.")
+    lines += [
+        f"| {rule} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in names) + f" | {100 * r['mean']:.1f} |"
+        for rule, r in results.items()
+    ]
+    note = (
+        f"\n\nImage AUROC of {source} ({suite} suite) under each rule, same model and maps. "
+        "z_l statistics, c_train = fitted on the training images after training; log p_l = per-scale map, upsampled."
+    )
     return results, "\n".join(lines) + note, source
 
 

@@ -34,7 +34,9 @@ def run_level(url: str, images: list[bytes], concurrency: int, requests_per_leve
     def one(i: int) -> tuple[float, bool]:
         started = time.perf_counter()
         try:
-            r = requests.post(f"{url}/predict", files={"image": ("x.png", images[i % len(images)], "image/png")}, timeout=60)
+            r = requests.post(
+                f"{url}/predict", files={"image": ("x.png", images[i % len(images)], "image/png")}, timeout=60
+            )
             ok = r.status_code == 200
         except requests.RequestException:
             ok = False
@@ -57,9 +59,15 @@ def run_level(url: str, images: list[bytes], concurrency: int, requests_per_leve
                     sent += 1
     wall = time.perf_counter() - started
     ms = np.asarray(latencies) * 1000
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "p50_ms": float(np.percentile(ms, 50)),
-            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-            "throughput_rps": len(latencies) / wall}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "throughput_rps": len(latencies) / wall,
+    }
 
 
 def library_rate(predictor, images: list[bytes], batch_size: int = 16, rounds: int = 8) -> float:
@@ -114,20 +122,38 @@ def main() -> None:
                 w.result()
             print(rows[-1])
     table = "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | images/s |\n|---:|---:|---:|---:|---:|---:|---:|\n"
-    table += "\n".join(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
-                       f"{r['p99_ms']:.0f} | {r['throughput_rps']:.1f} |" for r in rows)
+    table += "\n".join(
+        f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+        f"{r['p99_ms']:.0f} | {r['throughput_rps']:.1f} |"
+        for r in rows
+    )
     library_after = library_rate(predictor, images)
     library = (library_before + library_after) / 2
     at16 = next((r for r in rows if r["concurrency"] == 16), None)
-    table += (f"\n\nThe library (decode + model, batches of 16, no HTTP) in the same run: {library:.1f} images/s "
-              f"(mean of {library_before:.1f} before and {library_after:.1f} after the server)"
-              + (f"; the service at concurrency 16 reaches {100 * at16['throughput_rps'] / library:.0f} % of it" if at16 else "")
-              + f".\nServer peak memory (RSS, all processes): {peak / 2**20:.0f} MiB. 256x256 PNG uploads to /predict, "
-              f"model {tag}.")
+    table += (
+        f"\n\nThe library (decode + model, batches of 16, no HTTP) in the same run: {library:.1f} images/s "
+        f"(mean of {library_before:.1f} before and {library_after:.1f} after the server)"
+        + (
+            f"; the service at concurrency 16 reaches {100 * at16['throughput_rps'] / library:.0f} % of it"
+            if at16
+            else ""
+        )
+        + f".\nServer peak memory (RSS, all processes): {peak / 2**20:.0f} MiB. 256x256 PNG uploads to /predict, "
+        f"model {tag}."
+    )
     print(table)
-    write_results("service_load", {"levels": rows, "peak_rss_mib": peak / 2**20, "library_images_per_s": library,
-                                   "library_before": library_before, "library_after": library_after,
-                                   "model_tag": tag}, table)
+    write_results(
+        "service_load",
+        {
+            "levels": rows,
+            "peak_rss_mib": peak / 2**20,
+            "library_images_per_s": library,
+            "library_before": library_before,
+            "library_after": library_after,
+            "model_tag": tag,
+        },
+        table,
+    )
 
 
 if __name__ == "__main__":

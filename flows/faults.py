@@ -37,17 +37,29 @@ class FlowRun:
     seconds: float
 
 
-def run_retrain(repo: Path, kill_at: str | None = None, delay: float = 0.0, push: bool = False,
-                timeout: float = 900.0) -> FlowRun:
+def run_retrain(
+    repo: Path, kill_at: str | None = None, delay: float = 0.0, push: bool = False, timeout: float = 900.0
+) -> FlowRun:
     """`retrain(repo)` in a new session; with ``kill_at``, SIGKILL to the session when that text is printed."""
     code = f"from flows.retrain import retrain; print('RESULT', retrain({str(repo)!r}, push={push!r}))"
     # a Prefect home of these runs' own: the caller's ephemeral server may hold its own database open
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_LOGGING_LEVEL": "INFO",
-           "PREFECT_HOME": str(repo.parent / f"{repo.name}-prefect"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_HOME": str(repo.parent / f"{repo.name}-prefect"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     start = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines, killed = [], False
     for line in process.stdout:
         lines.append(line)
@@ -125,8 +137,9 @@ def committed_digests(repo: Path, rev: str = "main") -> list[str]:
     return [hashlib.sha256(fs.read_bytes(f)).hexdigest() for f in files]
 
 
-def check_invariants(repo: Path, images: dict[str, str], inbox: Path, champion_before: str,
-                     promoted_by_completed_run: bool) -> list[str]:
+def check_invariants(
+    repo: Path, images: dict[str, str], inbox: Path, champion_before: str, promoted_by_completed_run: bool
+) -> list[str]:
     """What must hold after a kill and the next run's recovery; returns the violations (empty: all hold).
     ``images`` maps the sha256 of each image put into the inbox to its inbox file name."""
     problems = []
@@ -138,8 +151,11 @@ def check_invariants(repo: Path, images: dict[str, str], inbox: Path, champion_b
             problems.append(f"{name} is committed {count} times")
         if count == 0 and sha not in in_inbox:
             problems.append(f"{name} is lost: neither in the inbox nor committed in data/added")
-    workspace = sorted(digest(p) for p in (repo / "data/added").rglob("*") if p.is_file()) \
-        if (repo / "data/added").is_dir() else []
+    workspace = (
+        sorted(digest(p) for p in (repo / "data/added").rglob("*") if p.is_file())
+        if (repo / "data/added").is_dir()
+        else []
+    )
     if workspace != sorted(committed):
         problems.append("data/added in the workspace differs from what main commits")
     status = _git(repo, "status", "--porcelain")

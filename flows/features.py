@@ -17,8 +17,9 @@ from vqflow.features import BackboneSpec, extract_shard, shard_ranges, write_ind
 
 
 @task(retries=1, task_run_name="shard-{shard}")
-def extract(manifest_path: str, spec: BackboneSpec, out_dir: str, shard: int, shard_size: int, batch_size: int,
-            threads: int) -> str:
+def extract(
+    manifest_path: str, spec: BackboneSpec, out_dir: str, shard: int, shard_size: int, batch_size: int, threads: int
+) -> str:
     import torch
 
     torch.set_num_threads(threads)  # several workers share the cores
@@ -36,16 +37,21 @@ def sharded_features(repo: str = ".", threads_per_worker: int = 1) -> dict:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(manifest_path)
     shards = list(range(len(shard_ranges(len(manifest), shard_size))))
-    futures = extract.map(manifest_path, spec, out_dir, shards, shard_size, int(p.get("batch_size", 16)),
-                          threads_per_worker)
+    futures = extract.map(
+        manifest_path, spec, out_dir, shards, shard_size, int(p.get("batch_size", 16)), threads_per_worker
+    )
     futures.wait()
     for future in futures:
         future.result()
     return write_index(manifest, spec, manifest_hash(manifest_path), out_dir, shard_size)
 
 
-@flow(name="vqflow-features-dask", task_runner=DaskTaskRunner(
-    cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}))
+@flow(
+    name="vqflow-features-dask",
+    task_runner=DaskTaskRunner(
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    ),
+)
 def features_on_dask(repo: str = ".") -> dict:
     """The features stage on a local 2-process Dask cluster (pass `address=` in DaskTaskRunner for a real one)."""
     return sharded_features(repo)

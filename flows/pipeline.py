@@ -35,8 +35,15 @@ class TransientStageError(RuntimeError):
     """A stage failed on I/O, network or storage (exit 75), or was killed: worth retrying."""
 
 
-PERMANENT = (stages.DataValidationError, ParamsError, StageInputError, StageFailed, ValueError, KeyError,
-             FileNotFoundError)
+PERMANENT = (
+    stages.DataValidationError,
+    ParamsError,
+    StageInputError,
+    StageFailed,
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -60,8 +67,9 @@ def run_stage(stage: str, repo: str, force: bool = False) -> str:
     dvc = str(Path(sys.executable).parent / "dvc")
     command = [dvc, "repro", "--single-item", stage] + (["--force"] if force else [])
     tail: list[str] = []
-    with subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as process:
+    with subprocess.Popen(
+        command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
         for line in process.stdout:  # streamed: a long stage shows its progress while it runs
             line = line.rstrip()
             if line.strip() and "it/s]" not in line and "s/it]" not in line:
@@ -74,7 +82,8 @@ def run_stage(stage: str, repo: str, force: bool = False) -> str:
     code = int(found[-1]) if found else process.returncode
     message = f"stage {stage} failed (exit {code}):\n" + "\n".join(tail)
     raise {1: stages.DataValidationError, 2: StageInputError, 75: TransientStageError}.get(
-        code, TransientStageError if code < 0 else StageFailed)(message)
+        code, TransientStageError if code < 0 else StageFailed
+    )(message)
 
 
 def metrics_artifacts(repo: Path, params: dict) -> dict:
@@ -82,10 +91,15 @@ def metrics_artifacts(repo: Path, params: dict) -> dict:
     from vqflow.report import metrics_markdown
 
     metrics = read_json(repo / params["outputs"]["metrics"])
-    create_markdown_artifact(key="vqflow-metrics", markdown=f"# vqflow metrics ({metrics.get('model')})\n\n"
-                             + metrics_markdown(metrics), description="test metrics per category (%)")
-    rows = [{"category": c, **{k: round(100 * m[k], 2) for k in REPORTED if k in m}}
-            for c, m in list(metrics["per_category"].items()) + [("mean", metrics["mean"])]]
+    create_markdown_artifact(
+        key="vqflow-metrics",
+        markdown=f"# vqflow metrics ({metrics.get('model')})\n\n" + metrics_markdown(metrics),
+        description="test metrics per category (%)",
+    )
+    rows = [
+        {"category": c, **{k: round(100 * m[k], 2) for k in REPORTED if k in m}}
+        for c, m in list(metrics["per_category"].items()) + [("mean", metrics["mean"])]
+    ]
     create_table_artifact(key="vqflow-metrics-table", table=rows, description="test metrics per category (%)")
     return metrics
 

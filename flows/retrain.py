@@ -37,8 +37,12 @@ from vqflow.validation import validate_inbox
 from vqflow.validation.inbox import inbox_samples
 
 ADDED = "data/added"  # prepare.sources holds {kind: normal_folder, root: data/added}
-IDENTITY = {"GIT_AUTHOR_NAME": "vqflow retrain", "GIT_AUTHOR_EMAIL": "vqflow-retrain@localhost",
-            "GIT_COMMITTER_NAME": "vqflow retrain", "GIT_COMMITTER_EMAIL": "vqflow-retrain@localhost"}
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "vqflow retrain",
+    "GIT_AUTHOR_EMAIL": "vqflow-retrain@localhost",
+    "GIT_COMMITTER_NAME": "vqflow retrain",
+    "GIT_COMMITTER_EMAIL": "vqflow-retrain@localhost",
+}
 
 
 class CheckoutNotClean(RuntimeError):
@@ -97,13 +101,15 @@ def recover(root: str) -> list[str]:
     current = _git(repo, "rev-parse", "--abbrev-ref", "HEAD")
     leftovers = _git(repo, "for-each-ref", "--format=%(refname:short)", f"refs/heads/{TRANSACTION_PREFIX}").split()
     if current.startswith(TRANSACTION_PREFIX):
-        _git(repo, "checkout", "-q", "-f", current[len(TRANSACTION_PREFIX):])
+        _git(repo, "checkout", "-q", "-f", current[len(TRANSACTION_PREFIX) :])
     if leftovers:
         _git(repo, "reset", "-q", "--hard")
         for branch in leftovers:
             _git(repo, "branch", "-q", "-D", branch)
         _dvc(repo, "checkout", "--force", "--quiet")
-        done.append(f"an interrupted run left {', '.join(leftovers)}: back to {_git(repo, 'rev-parse', '--short', 'HEAD')}")
+        done.append(
+            f"an interrupted run left {', '.join(leftovers)}: back to {_git(repo, 'rev-parse', '--short', 'HEAD')}"
+        )
     committed = committed_copies(repo)
     for path in sorted(p for p in (repo / ADDED).rglob("*") if p.is_file()) if (repo / ADDED).is_dir() else []:
         if str(path.relative_to(repo)) not in committed:  # a copy of an image that is still in the inbox
@@ -111,8 +117,10 @@ def recover(root: str) -> list[str]:
             done.append(f"removed {path.relative_to(repo)}: copied by an interrupted run, not committed")
     dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
     if dirty:
-        raise CheckoutNotClean(f"the retrain checkout {repo} has uncommitted changes ({dirty.splitlines()[0]} ...):"
-                               " commit or discard them; the flow commits only its own work")
+        raise CheckoutNotClean(
+            f"the retrain checkout {repo} has uncommitted changes ({dirty.splitlines()[0]} ...):"
+            " commit or discard them; the flow commits only its own work"
+        )
     return done
 
 
@@ -247,8 +255,11 @@ def _settle(root: Path, inbox_images: list[Path], branch: str, push: bool, logge
         done = publish(str(root), branch) if push else []
         for path in settled:
             path.unlink()
-        logger.info("%d inbox images were already committed by an interrupted run (%s): removed from the inbox",
-                    len(settled), ", ".join(done) or "nothing to push")
+        logger.info(
+            "%d inbox images were already committed by an interrupted run (%s): removed from the inbox",
+            len(settled),
+            ", ".join(done) or "nothing to push",
+        )
     return [p for p in inbox_images if p not in settled]
 
 
@@ -281,13 +292,22 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
         copies = add_to_dataset(str(root), accepted)
         print(f"copied {len(copies)} images to {ADDED}")
         data_commit = version_data(str(root), len(copies))
-        metrics = pipeline(str(root), stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
-                           force=["prepare"])
+        metrics = pipeline(
+            str(root),
+            stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
+            force=["prepare"],
+        )
         params = load_params(root / "params.yaml")
         record = read_json(root / params["outputs"]["export"])
         _git(root, "add", "-A", "--", "dvc.lock", *git_kept_outputs(root))
-        _git(root, "commit", "-q", "--allow-empty", "-m",
-             f"retrain: pipeline on data commit {data_commit[:8]} -> {record['role']}")
+        _git(
+            root,
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            f"retrain: pipeline on data commit {data_commit[:8]} -> {record['role']}",
+        )
         if push:
             publish(str(root), branch, data_only=True)  # the data and outputs are remote before any commit names them
         _land(root, branch, start)
@@ -298,11 +318,22 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
     for path in accepted:
         Path(path).unlink()
     create_markdown_artifact(
-        key="vqflow-retrain", description="challenger vs champion",
+        key="vqflow-retrain",
+        description="challenger vs champion",
         markdown=f"# Retraining: {len(copies)} new images, model {record['tag']} is **{record['role']}**\n\n"
-                 + "; ".join(record["reasons"]) + "\n\n" + _comparison(before["metrics"] if before else None, metrics))
-    return {"status": record["role"], "tag": record["tag"], "added": copies, "quarantined": moved, "pushed": pushed,
-            "champion_before": before["tag"] if before else None, "champion_after": (_champion(root) or {}).get("tag")}
+        + "; ".join(record["reasons"])
+        + "\n\n"
+        + _comparison(before["metrics"] if before else None, metrics),
+    )
+    return {
+        "status": record["role"],
+        "tag": record["tag"],
+        "added": copies,
+        "quarantined": moved,
+        "pushed": pushed,
+        "champion_before": before["tag"] if before else None,
+        "champion_after": (_champion(root) or {}).get("tag"),
+    }
 
 
 if __name__ == "__main__":

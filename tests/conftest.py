@@ -14,17 +14,24 @@ SHARED = Path(os.environ.get("VQFLOW_SHARED", ROOT.parent / "shared")).resolve()
 SHARED_DATA = SHARED / "data"
 
 for key, value in {
-    "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false",
-    "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
     # Prefect's ephemeral server logs its shutdown at exit, after pytest closed the streams: keep it quiet.
-    "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(key, value)
 
 
 def needs_shared(*parts: str):
     path = SHARED_DATA.joinpath(*parts)
-    return pytest.mark.skipif(not path.exists(), reason=f"real data not available: {path} is absent (../shared is not beside the repo)")
+    return pytest.mark.skipif(
+        not path.exists(), reason=f"real data not available: {path} is absent (../shared is not beside the repo)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +40,16 @@ def tiny_dataset(tmp_path_factory) -> Path:
     from vqflow.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("tiny") / "synthetic"
-    return generate(root, ["fabric", "chip"], train_per_category=6, test_good_per_category=2, test_per_defect=1,
-                    size=64, seed=3, progress=False)
+    return generate(
+        root,
+        ["fabric", "chip"],
+        train_per_category=6,
+        test_good_per_category=2,
+        test_per_defect=1,
+        size=64,
+        seed=3,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,11 @@ import torch
 from PIL import Image
 
 from vqflow.backbones import (
-    FeaturePyramid, WeightsNotFoundError, create_classifier, packaged_state_dict, resolve_device,
+    FeaturePyramid,
+    WeightsNotFoundError,
+    create_classifier,
+    packaged_state_dict,
+    resolve_device,
 )
 
 
@@ -34,11 +38,14 @@ def test_lite0_sees_espresso_or_cup_in_coffee(lite0_classifier):
     assert probs[967] + probs[968] > 0.5
 
 
-@pytest.mark.parametrize("name,channels", [
-    ("tf_efficientnet_lite0", [24, 40, 112, 320]),
-    ("tf_efficientnet_lite1", [24, 40, 112, 320]),
-    ("tf_efficientnet_lite2", [24, 48, 120, 352]),
-])
+@pytest.mark.parametrize(
+    "name,channels",
+    [
+        ("tf_efficientnet_lite0", [24, 40, 112, 320]),
+        ("tf_efficientnet_lite1", [24, 40, 112, 320]),
+        ("tf_efficientnet_lite2", [24, 48, 120, 352]),
+    ],
+)
 def test_pyramid_shapes_per_stage(name, channels):
     model = FeaturePyramid(name, "packaged")
     feats = model(torch.rand(2, 3, 256, 256))

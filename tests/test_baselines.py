@@ -19,8 +19,16 @@ TINY_BY_MODEL = {
     "vqflow": TINY,
     "msflow": TINY,
     "cflow": dict(in_channels=TINY["in_channels"], image_size=32, coupling_blocks=2, pe_channels=8, chunk_size=16),
-    "vitad": dict(in_channels=TINY["in_channels"], image_size=32, patch_size=8, decoder_dim=12, decoder_heads=2,
-                  blocks_per_stage=1, smoothing_sigma=1.0, pool_size=4),
+    "vitad": dict(
+        in_channels=TINY["in_channels"],
+        image_size=32,
+        patch_size=8,
+        decoder_dim=12,
+        decoder_heads=2,
+        blocks_per_stage=1,
+        smoothing_sigma=1.0,
+        pool_size=4,
+    ),
     "padim": dict(in_channels=TINY["in_channels"], image_size=32, stages=[0, 1], smoothing_sigma=1.0),
 }
 CFG = TrainConfig(epochs=3, batch_size=4, lr=1e-3, warmup_epochs=1, checkpoint_every=1, init_images=8, seed=5)
@@ -47,7 +55,7 @@ def test_cflow_log_likelihood_equals_autograd_jacobian():
         z, logdet = decoder(x, c=[cond])
         ours = per_dim_log_likelihood(z, logdet)
     for i in range(len(x)):
-        jac = torch.autograd.functional.jacobian(lambda v: decoder(v[None], c=[cond[i: i + 1]])[0][0], x[i])
+        jac = torch.autograd.functional.jacobian(lambda v: decoder(v[None], c=[cond[i : i + 1]])[0][0], x[i])
         reference = float(Normal(0.0, 1.0).log_prob(z[i]).sum() + torch.linalg.slogdet(jac).logabsdet) / 6
         assert abs(float(ours[i] - reference)) < 1e-6
 
@@ -99,7 +107,9 @@ def test_vqflow_train_normalisation_is_fitted_on_training_data_and_scores_are_pe
     torch.testing.assert_close(model.log_p_max, torch.stack([m.amax() for m in log_p] + [total.amax()]))
     test = tiny_features(4, seed=9)
     torch.testing.assert_close(model.predict(test).scores[1:2], model.predict([f[1:2] for f in test]).scores)
-    assert "log_p_max" not in tiny_model("vqflow", normalization="image").state_dict(), "per-image models keep their old weight files"
+    assert "log_p_max" not in tiny_model("vqflow", normalization="image").state_dict(), (
+        "per-image models keep their old weight files"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ ViTAD
@@ -126,7 +136,11 @@ def test_vitad_decoder_is_as_wide_as_a_vit_encoder_without_heads_and_reconstruct
     model = tiny_model("vitad", in_channels=[12, 12, 12, 12])
     assert all(isinstance(h, torch.nn.Identity) for h in model.heads)
     cnn = tiny_model("vitad")
-    assert [h.out_features for h in cnn.heads] == [TINY["in_channels"][2], TINY["in_channels"][1], TINY["in_channels"][0]]
+    assert [h.out_features for h in cnn.heads] == [
+        TINY["in_channels"][2],
+        TINY["in_channels"][1],
+        TINY["in_channels"][0],
+    ]
 
 
 def test_vitad_trains_on_a_plain_vit_encoder():
@@ -136,10 +150,27 @@ def test_vitad_trains_on_a_plain_vit_encoder():
     encoder = FeaturePyramid("vit_small_patch16_224.dino", pretrained=False)
     assert encoder.channels == [384] * 4
     features = encoder(torch.rand(4, 3, 64, 64))
-    model = create_model("vitad", make_config("vitad", dict(in_channels=encoder.channels, image_size=64, decoder_dim=384,
-                                                            decoder_heads=6, blocks_per_stage=1, pool_size=4)))
-    history = train_model(model, features, TrainConfig(epochs=3, batch_size=2, lr=1e-3, warmup_epochs=0),
-                          torch.device("cpu"), progress=False)
+    model = create_model(
+        "vitad",
+        make_config(
+            "vitad",
+            dict(
+                in_channels=encoder.channels,
+                image_size=64,
+                decoder_dim=384,
+                decoder_heads=6,
+                blocks_per_stage=1,
+                pool_size=4,
+            ),
+        ),
+    )
+    history = train_model(
+        model,
+        features,
+        TrainConfig(epochs=3, batch_size=2, lr=1e-3, warmup_epochs=0),
+        torch.device("cpu"),
+        progress=False,
+    )
     assert history[-1]["loss"] < history[0]["loss"]
     with pytest.raises(ValueError, match="need a CNN pyramid"):
         tiny_model("vqflow", in_channels=[384] * 4, image_size=64).initialize(features)

@@ -36,9 +36,13 @@ def test_serving_requirements_are_pinned_like_the_project_and_hold_no_pipeline_t
     serve, constraints = _pins(ROOT / "requirements/serve.txt"), _pins(ROOT / "requirements/constraints.txt")
     assert {"bentoml", "torch", "timm", "freia", "safetensors", "pillow", "numpy"} <= set(serve)
     for name, version in serve.items():
-        assert constraints.get(name) == version, f"{name}=={version} differs from constraints.txt ({constraints.get(name)})"
+        assert constraints.get(name) == version, (
+            f"{name}=={version} differs from constraints.txt ({constraints.get(name)})"
+        )
     assert not set(serve) & set(PIPELINE_TOOLS)
-    assert yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["requirements_txt"] == "requirements/serve.txt"
+    assert (
+        yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["requirements_txt"] == "requirements/serve.txt"
+    )
 
 
 def _run(command, cwd, env) -> str:
@@ -50,8 +54,13 @@ def _run(command, cwd, env) -> str:
 @pytest.fixture(scope="module")
 def s3():
     with moto_s3() as endpoint:
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="vqflow-models")
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="vqflow-models")
         yield endpoint
 
 
@@ -64,12 +73,22 @@ def built(trained_project, tmp_path_factory, s3):
     shutil.copy(ROOT / "bentofile.yaml", project / "bentofile.yaml")
     (project / "requirements").mkdir()
     shutil.copy(ROOT / "requirements/serve.txt", project / "requirements/serve.txt")
-    params = {**params, "outputs": {**params["outputs"], "champions": "registry/champions.json",
-                                    "export": str(project / "export.json")},
-              "export": {**params["export"], "publish": "s3://vqflow-models/champions/"}}
+    params = {
+        **params,
+        "outputs": {
+            **params["outputs"],
+            "champions": "registry/champions.json",
+            "export": str(project / "export.json"),
+        },
+        "export": {**params["export"], "publish": "s3://vqflow-models/champions/"},
+    }
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**s3_env(s3), "BENTOML_HOME": str(tmp_path_factory.mktemp("home_dev")), "BENTOML_DO_NOT_TRACK": "true",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **s3_env(s3),
+        "BENTOML_HOME": str(tmp_path_factory.mktemp("home_dev")),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
     exported = _run([BIN / "vqflow", "export"], project, env)
     tag = json.loads((project / "export.json").read_text())["tag"]
     assert "challenger" in exported and "not a git repository" in exported  # no committed run: no promotion
@@ -95,8 +114,19 @@ def test_bento_lists_the_champion_and_only_serving_requirements(built):
 
 
 def _offline_scores(project: Path, params: dict, paths: list[str], env: dict) -> dict[str, float]:
-    out = _run([BIN / "vqflow", "predict", *paths, "--model", params["outputs"]["model"], "--out",
-                str(project / "predictions")], project, env)
+    out = _run(
+        [
+            BIN / "vqflow",
+            "predict",
+            *paths,
+            "--model",
+            params["outputs"]["model"],
+            "--out",
+            str(project / "predictions"),
+        ],
+        project,
+        env,
+    )
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+): score=(\S+)", out, re.M)}
 
 
@@ -110,8 +140,9 @@ def _serve_and_compare(bento_source: str, built, tmp_path: Path, paths: list[str
     fresh.pop("VQFLOW_MODEL_TAG", None)
     with bentoml_server(fresh, target="vqflow-anomaly-service:latest", cwd=elsewhere) as (url, _):
         for path in paths:
-            response = requests.post(f"{url}/predict", files={"image": (Path(path).name, Path(path).read_bytes(),
-                                                                         "image/png")}, timeout=60)
+            response = requests.post(
+                f"{url}/predict", files={"image": (Path(path).name, Path(path).read_bytes(), "image/png")}, timeout=60
+            )
             assert response.status_code == 200, response.text
             assert response.json()["model_tag"] == tag
             assert abs(response.json()["score"] - expected[path]) < 1e-5, (path, response.json(), expected[path])
@@ -130,12 +161,19 @@ def test_bento_file_served_from_an_empty_home_scores_like_vqflow_predict(built, 
 
 def test_bento_from_s3_and_published_champion_model(built, tmp_path, s3):
     project, params, env, tag = built
-    _run([BIN / "bentoml", "export", "vqflow-anomaly-service:latest", "s3://vqflow-models/bentos/service.bento"],
-         project, env)
+    _run(
+        [BIN / "bentoml", "export", "vqflow-anomaly-service:latest", "s3://vqflow-models/bentos/service.bento"],
+        project,
+        env,
+    )
     _serve_and_compare("s3://vqflow-models/bentos/service.bento", built, tmp_path, _test_images(params, 4))
     # the promotion published the model itself: a serving machine can import it from S3 into its store
     name, version = tag.split(":")
     home = {**env, "BENTOML_HOME": str(tmp_path / "model_home")}
-    _run([BIN / "bentoml", "models", "import", f"s3://vqflow-models/champions/{name}-{version}.bentomodel"], tmp_path, home)
+    _run(
+        [BIN / "bentoml", "models", "import", f"s3://vqflow-models/champions/{name}-{version}.bentomodel"],
+        tmp_path,
+        home,
+    )
     stored = yaml.safe_load(_run([BIN / "bentoml", "models", "get", tag], tmp_path, home))
     assert (stored["name"], stored["version"]) == (name, version)

@@ -20,19 +20,50 @@ def _vqflow(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedPro
 
 def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     params = {
-        "generate": {"root": "data/synthetic", "categories": ["wood"], "train_per_category": 4,
-                     "test_good_per_category": 1, "test_per_defect": 1, "size": 64, "seed": 0},
-        "prepare": {"sources": [{"kind": "mvtec", "root": "data/synthetic"}], "val_fraction": 0.25, "seed": 0,
-                    "manifest": "data/manifest.csv"},
-        "features": {"backbone": "tf_efficientnet_lite0", "weights": "packaged", "image_size": 64,
-                     "cache": "data/features", "shard_size": 4},
-        "model": {"name": "vqflow", "vqflow": {"embed_dim": 8, "pe_channels": 4, "num_prototypes": 2, "num_patterns": 8,
-                  "flow_blocks": [1, 1, 1]}},
+        "generate": {
+            "root": "data/synthetic",
+            "categories": ["wood"],
+            "train_per_category": 4,
+            "test_good_per_category": 1,
+            "test_per_defect": 1,
+            "size": 64,
+            "seed": 0,
+        },
+        "prepare": {
+            "sources": [{"kind": "mvtec", "root": "data/synthetic"}],
+            "val_fraction": 0.25,
+            "seed": 0,
+            "manifest": "data/manifest.csv",
+        },
+        "features": {
+            "backbone": "tf_efficientnet_lite0",
+            "weights": "packaged",
+            "image_size": 64,
+            "cache": "data/features",
+            "shard_size": 4,
+        },
+        "model": {
+            "name": "vqflow",
+            "vqflow": {
+                "embed_dim": 8,
+                "pe_channels": 4,
+                "num_prototypes": 2,
+                "num_patterns": 8,
+                "flow_blocks": [1, 1, 1],
+            },
+        },
         "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1, "init_images": 4},
-        "evaluate": {"batch_size": 4}, "thresholds": {"target_frr": 0.01, "pixel_fpr": 0.005},
-        "outputs": {"model": "models/model", "checkpoints": "data/checkpoints", "train_log": "metrics/train_log.json",
-                    "metrics": "metrics/metrics.json", "scores": "metrics/scores.csv", "plots": "plots",
-                    "report": "reports/report.md"},
+        "evaluate": {"batch_size": 4},
+        "thresholds": {"target_frr": 0.01, "pixel_fpr": 0.005},
+        "outputs": {
+            "model": "models/model",
+            "checkpoints": "data/checkpoints",
+            "train_log": "metrics/train_log.json",
+            "metrics": "metrics/metrics.json",
+            "scores": "metrics/scores.csv",
+            "plots": "plots",
+            "report": "reports/report.md",
+        },
     }
     for stage in ("generate", "prepare", "features", "train", "evaluate", "summary"):
         result = _vqflow(tmp_path, params, stage)
@@ -48,11 +79,16 @@ def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     assert metrics["mean"]["image_auroc"] == pytest.approx(roc_auc_score(table.label, table.score), abs=1e-9)
     roc = pd.read_csv(tmp_path / "metrics/curves/roc/wood.csv")  # the data `dvc plots diff` draws
     assert np.trapezoid(roc.tpr, roc.fpr) == pytest.approx(metrics["mean"]["image_auroc"], abs=1e-5)
-    histogram = sum(pd.read_csv(tmp_path / f"metrics/curves/histogram/wood_{k}.csv")["count"].sum()
-                    for k in ("normal", "defective"))
+    histogram = sum(
+        pd.read_csv(tmp_path / f"metrics/curves/histogram/wood_{k}.csv")["count"].sum() for k in ("normal", "defective")
+    )
     assert histogram == len(table)
     assert sorted(p.name for p in (tmp_path / "models/model").iterdir()) == [
-        "backbone.safetensors", "config.json", "model.safetensors", "thresholds.json"]
+        "backbone.safetensors",
+        "config.json",
+        "model.safetensors",
+        "thresholds.json",
+    ]
     thresholds = json.loads((tmp_path / "models/model/thresholds.json").read_text())
     assert thresholds["categories"]["wood"]["val_images"] == 1
     assert set(metrics["at_threshold"]["wood"]) >= {"threshold", "precision", "recall", "f1", "oracle_f1max"}
@@ -65,8 +101,15 @@ def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     assert "| **mean** |" in report and "![gallery_wood](../plots/gallery_wood.png)" in report
 
     # the same inputs give the same bytes (what makes dvc.lock a record of the code): train from scratch again
-    outputs = ["models/model", "metrics/metrics.json", "metrics/train_log.json", "metrics/scores.csv", "plots",
-               "metrics/curves", "reports/report.md"]
+    outputs = [
+        "models/model",
+        "metrics/metrics.json",
+        "metrics/train_log.json",
+        "metrics/scores.csv",
+        "plots",
+        "metrics/curves",
+        "reports/report.md",
+    ]
     first = _digests(tmp_path, outputs)
     shutil.rmtree(tmp_path / "data/checkpoints")
     for stage in ("train", "evaluate"):
@@ -86,8 +129,9 @@ def test_bad_params_exit_non_zero_naming_the_field(tmp_path):
     result = _vqflow(tmp_path, {"prepare": {"sources": []}}, "prepare")
     assert result.returncode == 2
     assert "prepare.manifest" in result.stderr
-    result = _vqflow(tmp_path, {"prepare": {"sources": [{"kind": "mvtec", "root": "nowhere"}],
-                                            "manifest": "m.csv"}}, "prepare")
+    result = _vqflow(
+        tmp_path, {"prepare": {"sources": [{"kind": "mvtec", "root": "nowhere"}], "manifest": "m.csv"}}, "prepare"
+    )
     assert result.returncode == 2 and "nowhere: dataset root does not exist" in result.stderr
     assert not (tmp_path / "m.csv").exists()
 
@@ -96,7 +140,20 @@ def test_repository_holds_no_image_data():
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if listed.returncode != 0:
         pytest.skip("not a git checkout")
-    data_suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip", ".npy", ".npz", ".safetensors", ".pt", ".pth")
+    data_suffixes = (
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".zip",
+        ".npy",
+        ".npz",
+        ".safetensors",
+        ".pt",
+        ".pth",
+    )
     offenders = [f for f in listed.stdout.splitlines() if f.lower().endswith(data_suffixes)]
     assert offenders == []
 
@@ -112,13 +169,28 @@ def test_predict_cli_prints_decisions_and_writes_overlays(trained_project, tmp_p
     row = manifest[(manifest.split == "test") & (manifest.label == 1)].iloc[0]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    result = subprocess.run([sys.executable, "-m", "vqflow.cli", "predict", row.path, "--category", row.category,
-                             "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vqflow.cli",
+            "predict",
+            row.path,
+            "--category",
+            row.category,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     score = float(result.stdout.split("score=")[1].split()[0])
     assert abs(score - offline.loc[row.image_id, "score"]) < 1e-5
     assert ("ANOMALOUS" in result.stdout) == (score > float(result.stdout.split("threshold=")[1].split()[0]))
     assert (tmp_path / "out" / f"{Path(row.path).parent.name}_{Path(row.path).stem}_overlay.png").is_file()
-    failed = subprocess.run([sys.executable, "-m", "vqflow.cli", "predict", str(bad)], cwd=tmp_path,
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        [sys.executable, "-m", "vqflow.cli", "predict", str(bad)], cwd=tmp_path, capture_output=True, text=True
+    )
     assert failed.returncode == 2 and "broken.png" in failed.stderr

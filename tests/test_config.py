@@ -10,8 +10,9 @@ def test_serve_settings_are_params_over_defaults_under_the_environment():
     settings = ServeSettings.load(params, environ={})
     assert {k: getattr(settings, k) for k in params["serve"]} == params["serve"]  # every key of params is read
 
-    changed = ServeSettings.load({"serve": {"max_batch_size": 4}}, environ={"VQFLOW_DEVICE": "cpu",
-                                                                               "VQFLOW_MAX_LATENCY_MS": "2.5"})
+    changed = ServeSettings.load(
+        {"serve": {"max_batch_size": 4}}, environ={"VQFLOW_DEVICE": "cpu", "VQFLOW_MAX_LATENCY_MS": "2.5"}
+    )
     assert (changed.max_batch_size, changed.device, changed.max_latency_ms) == (4, "cpu", 2.5)
     assert changed.max_pixels == ServeSettings().max_pixels
 

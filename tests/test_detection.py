@@ -18,12 +18,18 @@ def detection_project(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("detection")
     params = tiny_params(root)
-    params["generate"].update(categories=["fabric", "wood"], train_per_category=20, test_good_per_category=4,
-                              test_per_defect=2, size=128)
+    params["generate"].update(
+        categories=["fabric", "wood"], train_per_category=20, test_good_per_category=4, test_per_defect=2, size=128
+    )
     params["prepare"]["val_fraction"] = 0.1
     params["features"]["image_size"] = 128
-    params["model"]["vqflow"] = {"embed_dim": 16, "pe_channels": 8, "num_prototypes": 4, "num_patterns": 16,
-                                 "flow_blocks": [1, 2, 2]}
+    params["model"]["vqflow"] = {
+        "embed_dim": 16,
+        "pe_channels": 8,
+        "num_prototypes": 4,
+        "num_patterns": 16,
+        "flow_blocks": [1, 2, 2],
+    }
     params["train"].update(epochs=10, batch_size=8, lr=1e-3, warmup_epochs=1, init_images=16)
     for stage in (stages.generate, stages.prepare, stages.features, stages.train):
         stage(params)

@@ -21,7 +21,11 @@ def _run(args, cwd, env):
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_push_delete_pull_round_trip(tmp_path, tiny_dataset):
@@ -29,8 +33,13 @@ def test_push_delete_pull_round_trip(tmp_path, tiny_dataset):
     repo.mkdir()
     with moto_s3() as endpoint:
         env = s3_env(endpoint)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="vqflow-dvc")
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="vqflow-dvc")
         _run(["git", "init", "-q"], repo, env)
         _run([DVC, "init", "-q"], repo, env)
         shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's remote definition
@@ -39,8 +48,13 @@ def test_push_delete_pull_round_trip(tmp_path, tiny_dataset):
         before = _digests(repo / "data" / "synthetic")
         out = _run([DVC, "push"], repo, env)
         assert "pushed" in out
-        bucket_keys = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                                   aws_secret_access_key="testing").list_objects_v2(Bucket="vqflow-dvc")
+        bucket_keys = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).list_objects_v2(Bucket="vqflow-dvc")
         assert bucket_keys["KeyCount"] >= len(before)
         shutil.rmtree(repo / ".dvc" / "cache")
         shutil.rmtree(repo / "data" / "synthetic")

@@ -20,9 +20,14 @@ def _git(repo, *args):
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("flowrepo")
     home = tmp_path_factory.mktemp("homes")
-    os.environ.update({"BENTOML_HOME": str(home / "bentoml"), "PREFECT_HOME": str(home / "prefect"),
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-                       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    os.environ.update(
+        {
+            "BENTOML_HOME": str(home / "bentoml"),
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+    )
     scratch_repo(root)
     return root
 
@@ -55,9 +60,25 @@ def test_an_experiment_never_changes_the_champion(repo):
     dvc = str(Path(sys.executable).parent / "dvc")
     record = (repo / "registry/champions.json").read_text()
     env = {k: v for k, v in os.environ.items() if k != "DVC_EXP_NAME"}
-    run = subprocess.run([dvc, "exp", "run", "-S", "model.name=cflow", "-S", "++model.cflow.coupling_blocks=2",
-                          "-S", "++model.cflow.pe_channels=16", "-S", "++model.cflow.chunk_size=64"],
-                         cwd=repo, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            dvc,
+            "exp",
+            "run",
+            "-S",
+            "model.name=cflow",
+            "-S",
+            "++model.cflow.coupling_blocks=2",
+            "-S",
+            "++model.cflow.pe_channels=16",
+            "-S",
+            "++model.cflow.chunk_size=64",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     export = json.loads((repo / "metrics/export.json").read_text())
     assert export["role"] == "challenger" and any("experiments never promote" in r for r in export["reasons"]), export
@@ -90,7 +111,9 @@ def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9_anywhere(re
         assert run.killed, f"{name}: the flow never printed {marker!r} (exit {run.returncode}):\n{run.output[-4000:]}"
         recover.fn(str(repo))  # the first step of the next run, checked on its own
         landed = name == "after landing"
-        problems = check_invariants(repo, images, repo / "data/inbox", champion_before, promoted_by_completed_run=landed)
+        problems = check_invariants(
+            repo, images, repo / "data/inbox", champion_before, promoted_by_completed_run=landed
+        )
         assert not problems, f"killed {name}: {problems}"
         main = subprocess.run(["git", "rev-parse", "main"], cwd=repo, capture_output=True, text=True).stdout
         assert (main != main_before) == landed, f"killed {name}: main moved {main_before} -> {main}"
@@ -148,8 +171,9 @@ def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
     status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
     assert status == "", f"the rollback leaves a clean checkout (autostage on): {status}"
     assert champion(repo / "registry/champions.json")["tag"] == champion_before
-    tree = subprocess.run(["git", "diff", head.strip(), "--stat", "--", "data/added.dvc"], cwd=repo,
-                          capture_output=True, text=True).stdout
+    tree = subprocess.run(
+        ["git", "diff", head.strip(), "--stat", "--", "data/added.dvc"], cwd=repo, capture_output=True, text=True
+    ).stdout
     assert tree == "", "the data commit was reverted"
 
 
@@ -165,15 +189,19 @@ def test_only_transient_failures_are_retried():
     assert not _transient(None, None, Failed(data=StageFailed("a bug")))
 
 
-@pytest.mark.parametrize("exit_code,attempts,error", [(75, 3, "TransientStageError"), (2, 1, "StageInputError"),
-                                                      (1, 1, "DataValidationError"), (70, 1, "StageFailed")])
+@pytest.mark.parametrize(
+    "exit_code,attempts,error",
+    [(75, 3, "TransientStageError"), (2, 1, "StageInputError"), (1, 1, "DataValidationError"), (70, 1, "StageFailed")],
+)
 def test_a_stage_is_retried_only_when_its_exit_code_says_transient(tmp_path, exit_code, attempts, error):
     from prefect import flow
 
     from flows.pipeline import run_stage
 
     counter = tmp_path / "attempts.txt"
-    command = f"{sys.executable} -c \"open(r'{counter}', 'a').write('x'); print('working'); raise SystemExit({exit_code})\""
+    command = (
+        f"{sys.executable} -c \"open(r'{counter}', 'a').write('x'); print('working'); raise SystemExit({exit_code})\""
+    )
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"step": {"cmd": command, "outs": ["out.txt"]}}}))
     _git(tmp_path, "init", "-q", "-b", "main")
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=tmp_path, check=True)

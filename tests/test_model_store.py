@@ -45,8 +45,13 @@ def _cli(project, env, *args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "vqflow.cli", "--params", str(project / "params.yaml"), *args],
-                          cwd=project, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "vqflow.cli", "--params", str(project / "params.yaml"), *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture()
@@ -62,13 +67,26 @@ def project(trained_project, tmp_path):
     _, params = trained_project
     shutil.copytree(params["outputs"]["model"], tmp_path / "model")
     shutil.copy(params["outputs"]["metrics"], tmp_path / "metrics.json")
-    params = {**params, "outputs": {**params["outputs"], "model": str(tmp_path / "model"), "champions": "champions.json",
-                                    "metrics": str(tmp_path / "metrics.json"), "export": str(tmp_path / "export.json")}}
+    params = {
+        **params,
+        "outputs": {
+            **params["outputs"],
+            "model": str(tmp_path / "model"),
+            "champions": "champions.json",
+            "metrics": str(tmp_path / "metrics.json"),
+            "export": str(tmp_path / "export.json"),
+        },
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "store"), "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("DVC_EXP_NAME", None)
-    for command in (["init", "-q", "-b", "main"], ["config", "user.email", "ci@example.com"],
-                    ["config", "user.name", "ci"], ["add", "params.yaml"], ["commit", "-q", "-m", "params"]):
+    for command in (
+        ["init", "-q", "-b", "main"],
+        ["config", "user.email", "ci@example.com"],
+        ["config", "user.name", "ci"],
+        ["add", "params.yaml"],
+        ["commit", "-q", "-m", "params"],
+    ):
         subprocess.run(["git", *command], cwd=tmp_path, check=True, capture_output=True)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     return tmp_path, env, metrics
@@ -138,8 +156,14 @@ def test_an_unreachable_publish_target_is_a_transient_failure_that_promotes_noth
     import subprocess
 
     subprocess.run(["git", "commit", "-qam", "publish"], cwd=root, check=True)
-    unreachable = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "testing",
-                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
+    unreachable = {
+        **env,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
     run = _cli(root, unreachable, "export")
     assert run.returncode == 75, (run.returncode, run.stderr[-2000:])
     assert "transient error, retry" in run.stderr

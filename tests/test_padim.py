@@ -44,9 +44,12 @@ def test_padim_map_is_smoothed_upsampled_distance_and_score_its_max():
     train_model(model, tiny_features(12), CFG, torch.device("cpu"), progress=False)
     test = tiny_features(3, seed=2)
     prediction = model.predict(test)
-    upsampled = torch.nn.functional.interpolate(model.distances(test)[:, None], size=(32, 32), mode="bilinear",
-                                                align_corners=False)[:, 0].numpy()
-    expected = np.stack([ndimage.gaussian_filter(m.astype(np.float64), 1.0, mode="mirror", truncate=4.0) for m in upsampled])
+    upsampled = torch.nn.functional.interpolate(
+        model.distances(test)[:, None], size=(32, 32), mode="bilinear", align_corners=False
+    )[:, 0].numpy()
+    expected = np.stack(
+        [ndimage.gaussian_filter(m.astype(np.float64), 1.0, mode="mirror", truncate=4.0) for m in upsampled]
+    )
     np.testing.assert_allclose(prediction.maps.numpy(), expected, atol=1e-5)
     assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
     # an image far from the training data scores higher than the training images themselves

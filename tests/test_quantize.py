@@ -56,7 +56,7 @@ def test_kmeans_pp_init_from_data_and_ema_moves_codes_to_cluster_means():
     vq.train()
     for _ in range(150):
         vq(points)
-    means = torch.stack([points[i * 200:(i + 1) * 200].mean(0) for i in range(3)])
+    means = torch.stack([points[i * 200 : (i + 1) * 200].mean(0) for i in range(3)])
     torch.testing.assert_close(vq.codebook, means, atol=1e-3, rtol=0)
 
 

@@ -81,7 +81,11 @@ def test_visa_reader_on_generated_tree(tmp_path):
         writer.writerows(rows)
     samples = list(read_visa(tmp_path, "split_csv/1cls.csv"))
     assert [(s.category, s.split, s.label) for s in samples] == [
-        ("candle", "train", 0), ("candle", "test", 0), ("candle", "test", 1), ("pcb1", "train", 0)]
+        ("candle", "train", 0),
+        ("candle", "test", 0),
+        ("candle", "test", 1),
+        ("pcb1", "train", 0),
+    ]
     assert samples[2].mask_path.endswith("0002.png") and samples[1].mask_path == ""
     assert len(list(read_visa(tmp_path, "split_csv/1cls.csv", ["pcb1"]))) == 1
 

@@ -20,13 +20,24 @@ from vqflow.testing import bentoml_server
 def server(trained_project, tmp_path_factory):
     root, params = trained_project
     home = tmp_path_factory.mktemp("bentoml_home")
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "VQFLOW_MAX_PIXELS": "1000000",
-           "VQFLOW_MAX_UPLOAD_BYTES": "2000000", "VQFLOW_MAX_BATCH_IMAGES": "8"}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "VQFLOW_MAX_PIXELS": "1000000",
+        "VQFLOW_MAX_UPLOAD_BYTES": "2000000",
+        "VQFLOW_MAX_BATCH_IMAGES": "8",
+    }
     import yaml
 
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    exported = subprocess.run([sys.executable, "-m", "vqflow.cli", "--params", str(root / "params.yaml"), "export"],
-                              env=env, cwd=root, capture_output=True, text=True)
+    exported = subprocess.run(
+        [sys.executable, "-m", "vqflow.cli", "--params", str(root / "params.yaml"), "export"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert exported.returncode == 0, exported.stderr
     assert "as challenger" in exported.stdout  # not a committed run on main: stored, not promoted
     env["VQFLOW_MODEL_TAG"] = json.loads(Path(params["outputs"]["export"]).read_text())["tag"]
@@ -138,7 +149,8 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server):
     assert unknown.status_code == 400 and "known categories: ['chip', 'wood']" in unknown.json()["error"]
     missing = requests.post(f"{url}/predict", data={"category": "wood"}, timeout=60)
     assert missing.status_code == 400 and set(missing.json()) == {"status", "error"}
-    too_many = requests.post(f"{url}/predict_batch", files=[("images", (f"{i}.png", good, "image/png")) for i in range(9)],
-                             timeout=60)
+    too_many = requests.post(
+        f"{url}/predict_batch", files=[("images", (f"{i}.png", good, "image/png")) for i in range(9)], timeout=60
+    )
     assert too_many.status_code == 400 and "limit is 8" in too_many.json()["error"]
     assert requests.get(f"{url}/readyz", timeout=10).status_code == 200

@@ -30,8 +30,13 @@ def test_model_is_trained_by_the_pipeline_and_served(name, tmp_path):
         stage(params)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    exported = subprocess.run([sys.executable, "-m", "vqflow.cli", "--params", str(tmp_path / "params.yaml"), "export"],
-                              env=env, cwd=tmp_path, capture_output=True, text=True)
+    exported = subprocess.run(
+        [sys.executable, "-m", "vqflow.cli", "--params", str(tmp_path / "params.yaml"), "export"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert exported.returncode == 0, exported.stderr
     tag = json.loads(Path(params["outputs"]["export"]).read_text())["tag"]
 
@@ -40,8 +45,12 @@ def test_model_is_trained_by_the_pipeline_and_served(name, tmp_path):
     thresholds = json.loads((Path(params["outputs"]["model"]) / "thresholds.json").read_text())
     with bentoml_server({**env, "VQFLOW_MODEL_TAG": tag}) as (url, _):
         for _, row in manifest[manifest.split == "test"].iterrows():
-            response = requests.post(f"{url}/predict", files={"image": ("x.png", Path(row.path).read_bytes(), "image/png")},
-                                     data={"category": row.category, "with_map": "true"}, timeout=60)
+            response = requests.post(
+                f"{url}/predict",
+                files={"image": ("x.png", Path(row.path).read_bytes(), "image/png")},
+                data={"category": row.category, "with_map": "true"},
+                timeout=60,
+            )
             assert response.status_code == 200, response.text
             body = response.json()
             expected = offline.loc[row.image_id, "score"]

@@ -75,8 +75,11 @@ def stage_modules(stage: str, stages_source: str | None = None) -> set[str]:
         if name in reached:
             continue
         reached.add(name)
-        todo += [c.func.id for c in ast.walk(functions[name]) if isinstance(c, ast.Call)
-                 and isinstance(c.func, ast.Name) and c.func.id in functions]
+        todo += [
+            c.func.id
+            for c in ast.walk(functions[name])
+            if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id in functions
+        ]
     top_level = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
     direct = _imported(top_level, "vqflow.stages")
     for name in reached:
@@ -112,8 +115,11 @@ def test_the_check_sees_a_module_a_stage_imports():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["generate"]
     original = (PACKAGE / "stages.py").read_text()
     assert missing_and_needless("generate", spec) == ([], [])
-    patched = original.replace("    from .data.synthetic import generate as write_dataset\n",
-                               "    from .data.synthetic import generate as write_dataset\n    from .metrics import auroc\n", 1)
+    patched = original.replace(
+        "    from .data.synthetic import generate as write_dataset\n",
+        "    from .data.synthetic import generate as write_dataset\n    from .metrics import auroc\n",
+        1,
+    )
     assert patched != original
     missing, _ = missing_and_needless("generate", spec, patched)
     assert "vqflow/metrics.py" in missing
@@ -223,9 +229,20 @@ def stage_reads(tmp_path_factory) -> dict[str, list[str]]:
     """Recorded in a process of its own: the export stage writes into the BentoML store of BENTOML_HOME."""
     root = tmp_path_factory.mktemp("reads")
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", "import json, sys; from tests.test_stage_deps import record_reads; "
-                          "print(json.dumps(record_reads(sys.argv[1])))", str(root)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; from tests.test_stage_deps import record_reads; "
+            "print(json.dumps(record_reads(sys.argv[1])))",
+            str(root),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -248,8 +265,9 @@ def test_the_params_check_sees_an_undeclared_and_a_needless_key(stage_reads):
     reads = stage_reads["evaluate"]
     declared = declared_params(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"])
     assert params_missing_and_needless(reads, declared, tree) == ([], [])
-    assert params_missing_and_needless(reads, [d for d in declared if d != "evaluate.max_fpr"], tree)[0] == \
-        ["evaluate.max_fpr"]
+    assert params_missing_and_needless(reads, [d for d in declared if d != "evaluate.max_fpr"], tree)[0] == [
+        "evaluate.max_fpr"
+    ]
     assert params_missing_and_needless(reads, [*declared, "features.batch_size"], tree)[1] == ["features.batch_size"]
     # a stage that reads a key through iteration reads the whole section
     seen: set[str] = set()

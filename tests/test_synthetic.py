@@ -12,8 +12,15 @@ def _tree_digest(root):
 
 
 def test_two_runs_are_byte_identical(tmp_path):
-    kwargs = dict(categories=["wood", "washer"], train_per_category=3, test_good_per_category=1, test_per_defect=1,
-                  size=96, seed=7, progress=False)
+    kwargs = dict(
+        categories=["wood", "washer"],
+        train_per_category=3,
+        test_good_per_category=1,
+        test_per_defect=1,
+        size=96,
+        seed=7,
+        progress=False,
+    )
     first = _tree_digest(generate(tmp_path / "a", **kwargs))
     second = _tree_digest(generate(tmp_path / "b", **kwargs))
     assert first == second

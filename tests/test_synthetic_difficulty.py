@@ -41,8 +41,8 @@ def test_pixel_zscore_is_clearly_below_a_feature_model(tmp_path):
         return torch.cat([F.avg_pool2d(s2, 3, 1, 1), F.interpolate(s3, size=s2.shape[-2:], mode="bilinear")], 1)
 
     with torch.inference_mode():
-        f_train = torch.cat([embed(x_train[i: i + 16]) for i in range(0, len(x_train), 16)])
-        f_test = torch.cat([embed(x_test[i: i + 16]) for i in range(0, len(x_test), 16)])
+        f_train = torch.cat([embed(x_train[i : i + 16]) for i in range(0, len(x_train), 16)])
+        f_test = torch.cat([embed(x_test[i : i + 16]) for i in range(0, len(x_test), 16)])
     pixel_auroc = roc_auc_score(labels, _pixel_zscore_scores(x_train.numpy(), x_test.numpy()))
     feature_auroc = roc_auc_score(labels, _feature_knn_scores(f_train, f_test))
     print(f"image AUROC: pixel z-score {pixel_auroc:.3f}, feature kNN {feature_auroc:.3f}")

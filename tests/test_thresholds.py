@@ -61,7 +61,9 @@ def test_the_train_stage_scores_only_validation_images(tiny_dataset, tmp_path):
         def get(self, ids):
             self.requested += list(ids)
             g = torch.Generator().manual_seed(len(ids))
-            return [torch.randn(len(ids), c, 32 // s, 32 // s, generator=g) for c, s in zip([4, 6, 8, 10], (4, 8, 16, 32))]
+            return [
+                torch.randn(len(ids), c, 32 // s, 32 // s, generator=g) for c, s in zip([4, 6, 8, 10], (4, 8, 16, 32))
+            ]
 
     cache = RecordingCache()
     params = {"thresholds": {"target_frr": 0.01, "pixel_fpr": 0.01}}

@@ -49,11 +49,20 @@ def test_loss_curves_plot_every_trained_run_from_its_log(tmp_path):
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name):
     features = tiny_features(12)
     whole = _fresh(name)
-    full_history = train_model(whole, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "a", "k"), progress=False)
+    full_history = train_model(
+        whole, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "a", "k"), progress=False
+    )
 
     interrupted = _fresh(name)
-    partial = train_model(interrupted, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "b", "k"),
-                          progress=False, stop_after_epoch=2)
+    partial = train_model(
+        interrupted,
+        features,
+        CFG,
+        torch.device("cpu"),
+        Checkpoint(tmp_path / "b", "k"),
+        progress=False,
+        stop_after_epoch=2,
+    )
     assert len(partial) == 2
     resumed = _fresh(name)  # a new process would start from scratch and find the checkpoint
     history = train_model(resumed, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "b", "k"), progress=False)
@@ -67,9 +76,18 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name):
 
 def test_checkpoint_of_another_configuration_is_ignored(tmp_path):
     features = tiny_features(12)
-    train_model(_fresh(), features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "c", "old"), progress=False,
-                stop_after_epoch=2)
-    history = train_model(_fresh(), features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "c", "new"), progress=False)
+    train_model(
+        _fresh(),
+        features,
+        CFG,
+        torch.device("cpu"),
+        Checkpoint(tmp_path / "c", "old"),
+        progress=False,
+        stop_after_epoch=2,
+    )
+    history = train_model(
+        _fresh(), features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "c", "new"), progress=False
+    )
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 

@@ -56,17 +56,31 @@ def test_a_worker_clones_retrains_and_pushes_and_a_second_clone_sees_it(tmp_path
     pool_dir.mkdir()
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
     with moto_s3() as endpoint:
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         for bucket in ("vqflow-dvc", "vqflow-models"):
             s3.create_bucket(Bucket=bucket)
         port = free_port()
-        env = {**s3_env(endpoint), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
-               "VQFLOW_GIT_URL": f"file://{origin}", "VQFLOW_INBOX": str(inbox),
-               "BENTOML_HOME": str(tmp_path / "bentoml"), "GIT_AUTHOR_NAME": "dev", "GIT_AUTHOR_EMAIL": "dev@example.com",
-               "GIT_COMMITTER_NAME": "dev", "GIT_COMMITTER_EMAIL": "dev@example.com"}
+        env = {
+            **s3_env(endpoint),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "VQFLOW_GIT_URL": f"file://{origin}",
+            "VQFLOW_INBOX": str(inbox),
+            "BENTOML_HOME": str(tmp_path / "bentoml"),
+            "GIT_AUTHOR_NAME": "dev",
+            "GIT_AUTHOR_EMAIL": "dev@example.com",
+            "GIT_COMMITTER_NAME": "dev",
+            "GIT_COMMITTER_EMAIL": "dev@example.com",
+        }
         _developer_repo(tmp_path / "dev", origin, env)
         from vqflow.data.synthetic import render_sample
 
@@ -74,8 +88,12 @@ def test_a_worker_clones_retrains_and_pushes_and_a_second_clone_sees_it(tmp_path
         for i in range(3):
             Image.fromarray(render_sample("wood", "train", 800 + i, size=64)[0]).save(inbox / "wood" / f"line_{i}.png")
 
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         worker = None
         try:
             wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180)
@@ -84,10 +102,28 @@ def test_a_worker_clones_retrains_and_pushes_and_a_second_clone_sees_it(tmp_path
             # the worker machine: no checkout, no git identity, only the environment the README lists
             worker_env = {k: v for k, v in env.items() if not k.startswith("GIT_")}
             worker_log = open(tmp_path / "worker.log", "w")
-            worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process"],
-                                      cwd=pool_dir, env=worker_env, stdout=worker_log, stderr=subprocess.STDOUT)
-            run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "vqflow-retrain/retrain", "--watch",
-                                  "--watch-timeout", "900"], cwd=tmp_path, env=env, capture_output=True, text=True)
+            worker = subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process"],
+                cwd=pool_dir,
+                env=worker_env,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+            )
+            run = subprocess.run(
+                [
+                    str(BIN / "prefect"),
+                    "deployment",
+                    "run",
+                    "vqflow-retrain/retrain",
+                    "--watch",
+                    "--watch-timeout",
+                    "900",
+                ],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             log = (tmp_path / "worker.log").read_text()
             assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-2000:] + log[-6000:]
         finally:

@@ -129,9 +129,23 @@ def _mask_for_a_normal_image(root):
     return "normal_has_no_mask", root / "chip/test/good/000.png"
 
 
-FILE_CORRUPTIONS = [_grey_small_defect, _odd_size_in_category, _mask_for_a_normal_image, _corrupt_file,
-                    _mask_wrong_size, _mask_not_binary, _mask_empty, _leakage, _duplicate_in_split, _tiny_category,
-                    _black_image, _blurred_image, _too_small, _cmyk, _bad_category_name]
+FILE_CORRUPTIONS = [
+    _grey_small_defect,
+    _odd_size_in_category,
+    _mask_for_a_normal_image,
+    _corrupt_file,
+    _mask_wrong_size,
+    _mask_not_binary,
+    _mask_empty,
+    _leakage,
+    _duplicate_in_split,
+    _tiny_category,
+    _black_image,
+    _blurred_image,
+    _too_small,
+    _cmyk,
+    _bad_category_name,
+]
 
 
 @pytest.mark.parametrize("corrupt", FILE_CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
@@ -195,6 +209,8 @@ def test_inbox_batch_is_validated_against_the_dataset(dataset, tmp_path):
     (inbox / "chip" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     verdict = validate_inbox(inbox, manifest, LIMITS)
     assert verdict.accepted == [str(inbox / "chip" / "new_ok.png")]
-    assert any(r.startswith("no_train_test_leakage") for r in verdict.rejected[str(inbox / "chip" / "copy_of_test.png")])
+    assert any(
+        r.startswith("no_train_test_leakage") for r in verdict.rejected[str(inbox / "chip" / "copy_of_test.png")]
+    )
     assert any(r.startswith("decodable") for r in verdict.rejected[str(inbox / "chip" / "broken.png")])
     assert validate_inbox(tmp_path / "empty", manifest, LIMITS).accepted == []

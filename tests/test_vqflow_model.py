@@ -8,8 +8,15 @@ from vqflow.models import create_model, make_config
 from vqflow.models.cadm import gaussian_log_density, mixture_log_density, summed_log_density
 from vqflow.models.flows import FusionCoupling, parallel_flow
 
-TINY = dict(in_channels=[4, 6, 8, 10], image_size=32, embed_dim=8, pe_channels=4, num_prototypes=3,
-            num_patterns=5, flow_blocks=[1, 2, 2])
+TINY = dict(
+    in_channels=[4, 6, 8, 10],
+    image_size=32,
+    embed_dim=8,
+    pe_channels=4,
+    num_prototypes=3,
+    num_patterns=5,
+    flow_blocks=[1, 2, 2],
+)
 
 
 def tiny_features(batch=4, seed=0):
@@ -70,7 +77,9 @@ def test_flow_logdet_equals_autograd_jacobian():
     torch.testing.assert_close(flow(x, c=[c])[1][0], expected, atol=1e-8, rtol=1e-8)
 
 
-@pytest.mark.parametrize("name, overrides", [("vqflow", {}), ("msflow", {}), ("vqflow", {"cadm_placement": "parallel"})])
+@pytest.mark.parametrize(
+    "name, overrides", [("vqflow", {}), ("msflow", {}), ("vqflow", {"cadm_placement": "parallel"})]
+)
 def test_whole_model_invertible_and_logdet_matches_autograd(name, overrides):
     model = _model(name, **overrides).double()
     feats = [f.double()[:1] for f in tiny_features(1)]
@@ -94,12 +103,22 @@ def test_whole_model_invertible_and_logdet_matches_autograd(name, overrides):
 
 def test_cadm_log_density_equals_torch_normal():
     g = torch.Generator().manual_seed(0)
-    z, mean, log_scale = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 1, 1, generator=g), torch.randn(3, 4, 1, 1, generator=g)
+    z, mean, log_scale = (
+        torch.randn(3, 4, 5, 5, generator=g),
+        torch.randn(3, 4, 1, 1, generator=g),
+        torch.randn(3, 4, 1, 1, generator=g),
+    )
     expected = Normal(mean, log_scale.exp()).log_prob(z)
     torch.testing.assert_close(gaussian_log_density(z, mean, log_scale), expected)
     zs = [z, torch.randn(3, 2, 2, 2, generator=g)]
-    params = [(mean[:, :, 0, 0], log_scale[:, :, 0, 0]), (torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g))]
-    total = sum(Normal(m[:, :, None, None], s.exp()[:, :, None, None]).log_prob(zz).sum((1, 2, 3)) for zz, (m, s) in zip(zs, params))
+    params = [
+        (mean[:, :, 0, 0], log_scale[:, :, 0, 0]),
+        (torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)),
+    ]
+    total = sum(
+        Normal(m[:, :, None, None], s.exp()[:, :, None, None]).log_prob(zz).sum((1, 2, 3))
+        for zz, (m, s) in zip(zs, params)
+    )
     torch.testing.assert_close(summed_log_density(zs, params), total)
     standard = sum(Normal(0.0, 1.0).log_prob(zz).sum((1, 2, 3)) for zz in zs)
     torch.testing.assert_close(summed_log_density(zs, None), standard)
@@ -109,14 +128,22 @@ def test_soft_mixture_equals_brute_force_logsumexp():
     g = torch.Generator().manual_seed(0)
     zs = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)]
     k = 4
-    params = [(torch.randn(k, 3, generator=g), 0.5 * torch.randn(k, 3, generator=g)),
-              (torch.randn(k, 5, generator=g), 0.5 * torch.randn(k, 5, generator=g))]
+    params = [
+        (torch.randn(k, 3, generator=g), 0.5 * torch.randn(k, 3, generator=g)),
+        (torch.randn(k, 5, generator=g), 0.5 * torch.randn(k, 5, generator=g)),
+    ]
     log_w = torch.log_softmax(torch.randn(k, generator=g), 0)
-    brute = torch.stack([
-        log_w[j] + sum(Normal(m[j][None, :, None, None], s[j].exp()[None, :, None, None]).log_prob(z).sum((1, 2, 3))
-                       for z, (m, s) in zip(zs, params))
-        for j in range(k)
-    ], 1).logsumexp(1)
+    brute = torch.stack(
+        [
+            log_w[j]
+            + sum(
+                Normal(m[j][None, :, None, None], s[j].exp()[None, :, None, None]).log_prob(z).sum((1, 2, 3))
+                for z, (m, s) in zip(zs, params)
+            )
+            for j in range(k)
+        ],
+        1,
+    ).logsumexp(1)
     torch.testing.assert_close(mixture_log_density(zs, params, log_w), brute, atol=1e-3, rtol=1e-5)
 
 
@@ -128,9 +155,11 @@ def test_log_likelihood_includes_minus_log_sigma():
     before = model.log_likelihood([torch.zeros_like(z) for z in zs], logdet, proto_q)
     with torch.no_grad():
         for head in model.base.means:
-            head[-1].weight.zero_(); head[-1].bias.zero_()
+            head[-1].weight.zero_()
+            head[-1].bias.zero_()
         for head in model.base.log_scales:
-            head[-1].weight.zero_(); head[-1].bias.fill_(0.0)
+            head[-1].weight.zero_()
+            head[-1].bias.fill_(0.0)
         base0 = model.log_likelihood([torch.zeros_like(z) for z in zs], logdet, proto_q)
         for head in model.base.log_scales:
             head[-1].bias.fill_(4.0 * float(np.arctanh(1 / 4.0)))  # log sigma = 1 after the soft bound
@@ -140,8 +169,17 @@ def test_log_likelihood_includes_minus_log_sigma():
     assert before.shape == (2,)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"cspc_mode": "naive"}, {"cadm_mixture": "soft"}, {"pe": False},
-                                       {"cspc": False}, {"cadm": False, "cspc": False}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"cspc_mode": "naive"},
+        {"cadm_mixture": "soft"},
+        {"pe": False},
+        {"cspc": False},
+        {"cadm": False, "cspc": False},
+    ],
+)
 def test_ablation_switches_train_and_predict(overrides):
     model = _model(**overrides)
     model.train()
@@ -215,8 +253,10 @@ def test_position_normalization_standardises_each_scale_with_the_training_statis
             assert torch.allclose(getattr(model, f"nll_std_{l}"), expected_std, atol=1e-5)
         test = tiny_features(3, seed=9)
         log_p = model.log_p_maps(*_encoded(model, test))
-        z = sum(upsample((-m - getattr(model, f"nll_mean_{l}")) / getattr(model, f"nll_std_{l}"), 32)
-                for l, m in enumerate(log_p))
+        z = sum(
+            upsample((-m - getattr(model, f"nll_mean_{l}")) / getattr(model, f"nll_std_{l}"), 32)
+            for l, m in enumerate(log_p)
+        )
         assert torch.allclose(model.predict(test).scores, top_k_score(z, model.config.top_k), atol=1e-5)
 
 

@@ -130,7 +130,9 @@ def fold_batch_norms(module: nn.Module) -> int:
     for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
             setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-            setattr(module, bn_name, nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity())
+            setattr(
+                module, bn_name, nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
+            )
             folded += 1
     return folded + sum(fold_batch_norms(child) for _, child in module.named_children())
 
@@ -144,8 +146,9 @@ class FeaturePyramid(nn.Module):
     relative (tested); ``fuse=False`` keeps the weights exactly as loaded.
     """
 
-    def __init__(self, name: str = "tf_efficientnet_lite0", weights: str = "packaged", pretrained: bool = True,
-                 fuse: bool = True):
+    def __init__(
+        self, name: str = "tf_efficientnet_lite0", weights: str = "packaged", pretrained: bool = True, fuse: bool = True
+    ):
         super().__init__()
         self.name = name
         out_indices, columnar = self._out_indices(name)

@@ -18,11 +18,18 @@ class MicroBatcher:
     """``await batcher.submit(items)`` -> results in order; ``score(list of items) -> list`` runs in a thread,
     at most ``workers`` batches at a time."""
 
-    def __init__(self, score: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 16,
-                 max_latency_ms: float = 10.0, workers: int = 1):
+    def __init__(
+        self,
+        score: Callable[[list[Any]], Sequence[Any]],
+        max_batch_size: int = 16,
+        max_latency_ms: float = 10.0,
+        workers: int = 1,
+    ):
         if max_batch_size < 1 or max_latency_ms < 0 or workers < 1:
-            raise ValueError(f"max_batch_size and workers must be >= 1 and max_latency_ms >= 0 "
-                             f"(got {max_batch_size}, {workers}, {max_latency_ms})")
+            raise ValueError(
+                f"max_batch_size and workers must be >= 1 and max_latency_ms >= 0 "
+                f"(got {max_batch_size}, {workers}, {max_latency_ms})"
+            )
         self.score, self.max_batch_size, self.max_latency = score, int(max_batch_size), max_latency_ms / 1000
         self.workers = int(workers)
         self.batch_sizes: list[int] = []  # of every batch run (for tests and metrics)

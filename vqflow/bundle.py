@@ -37,8 +37,15 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_model(model: AnomalyModel, name: str, config, path: str | Path, extra: dict[str, Any] | None = None,
-               files: dict[str, Any] | None = None, tensors: dict[str, dict] | None = None) -> None:
+def save_model(
+    model: AnomalyModel,
+    name: str,
+    config,
+    path: str | Path,
+    extra: dict[str, Any] | None = None,
+    files: dict[str, Any] | None = None,
+    tensors: dict[str, dict] | None = None,
+) -> None:
     """Write ``model.safetensors`` + ``config.json`` (+ JSON ``files``, + safetensors ``tensors``) into ``path``
     atomically: the directory appears whole or not at all."""
     with atomic_dir(path) as tmp:
@@ -70,8 +77,9 @@ class ModelBundle:
         self.path = Path(path)
         for needed in (CONFIG, WEIGHTS, THRESHOLDS):
             if not (self.path / needed).is_file():
-                raise FileNotFoundError(f"{self.path / needed}: missing, {self.path} is not a trained vqflow model "
-                                        "(run the train stage)")
+                raise FileNotFoundError(
+                    f"{self.path / needed}: missing, {self.path} is not a trained vqflow model (run the train stage)"
+                )
 
     @cached_property
     def meta(self) -> dict[str, Any]:
@@ -111,9 +119,17 @@ class ModelBundle:
         return sha.hexdigest()
 
     @staticmethod
-    def write(path: str | Path, model, name: str, config, thresholds: dict, backbone: FeaturePyramid,
-              extra: dict[str, Any] | None = None) -> "ModelBundle":
+    def write(
+        path: str | Path,
+        model,
+        name: str,
+        config,
+        thresholds: dict,
+        backbone: FeaturePyramid,
+        extra: dict[str, Any] | None = None,
+    ) -> "ModelBundle":
         """Write a complete bundle atomically: the directory appears whole or not at all."""
-        save_model(model, name, config, path, extra, files={THRESHOLDS: thresholds},
-                   tensors={BACKBONE: backbone.state_dict()})
+        save_model(
+            model, name, config, path, extra, files={THRESHOLDS: thresholds}, tensors={BACKBONE: backbone.state_dict()}
+        )
         return ModelBundle(path)

@@ -53,8 +53,10 @@ def validate_stage(params: dict, args: argparse.Namespace) -> None:
 def features_stage(params: dict, args: argparse.Namespace) -> None:
     """Extract and cache the backbone pyramid of every manifest image."""
     index = stages.features(params)
-    print(f"feature cache {params['features']['cache']}: {len(index['entries'])} images, "
-          f"{len(index['shards'])} shards, key {index['key']}")
+    print(
+        f"feature cache {params['features']['cache']}: {len(index['entries'])} images, "
+        f"{len(index['shards'])} shards, key {index['key']}"
+    )
 
 
 @stage("train")
@@ -114,7 +116,9 @@ def predict_stage(params: dict, args: argparse.Namespace) -> None:
         overlay_path.write_bytes(render_overlay(image, result, predictor.spec.image_size))
         decision = "ANOMALOUS" if result.is_anomaly else "normal"
         concept = f" concept={result.concept}" if result.concept is not None else ""
-        print(f"{path}: score={result.score:.6f} threshold={result.threshold:.6f} {decision}{concept} -> {overlay_path}")
+        print(
+            f"{path}: score={result.score:.6f} threshold={result.threshold:.6f} {decision}{concept} -> {overlay_path}"
+        )
     if failures:
         raise ValueError(f"{failures} of {len(args.images)} images could not be read")
 
@@ -149,8 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         print_validation(getattr(exc, "report", None))
         print(f"vqflow {args.stage}: error: {exc}", file=sys.stderr)
         return 1
-    except (ParamsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError,
-            ValueError, KeyError) as exc:
+    except (
+        ParamsError,
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        FileExistsError,
+        PermissionError,
+        ValueError,
+        KeyError,
+    ) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"vqflow {args.stage}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -43,14 +43,14 @@ class ServeSettings:
     """The service's settings, read by the service and `vqflow predict` from here only: the ``serve`` section of
     params.yaml over these defaults, each field overridden by the environment variable ``VQFLOW_<FIELD>``."""
 
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    max_batch_size: int = 16        # images scored together (requests share batches)
-    max_latency_ms: float = 10.0    # how long a batch waits for more images once it has one
-    batch_workers: int = 2          # batches scored at once
-    torch_threads: int = 0          # torch threads per process; 0 = CPU cores / workers
-    max_pixels: int = 40_000_000    # decompression-bomb limit per image (width x height)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_batch_size: int = 16  # images scored together (requests share batches)
+    max_latency_ms: float = 10.0  # how long a batch waits for more images once it has one
+    batch_workers: int = 2  # batches scored at once
+    torch_threads: int = 0  # torch threads per process; 0 = CPU cores / workers
+    max_pixels: int = 40_000_000  # decompression-bomb limit per image (width x height)
     max_upload_bytes: int = 20_000_000
-    max_batch_images: int = 64      # images per /predict_batch request
+    max_batch_images: int = 64  # images per /predict_batch request
 
     @classmethod
     def load(cls, params: dict[str, Any], environ: Mapping[str, str] | None = None) -> "ServeSettings":

@@ -42,8 +42,12 @@ class BackboneSpec:
 
     @classmethod
     def from_params(cls, params: dict) -> "BackboneSpec":
-        return cls(params["backbone"], str(params.get("weights", "packaged")), bool(params.get("pretrained", True)),
-                   int(params["image_size"]))
+        return cls(
+            params["backbone"],
+            str(params.get("weights", "packaged")),
+            bool(params.get("pretrained", True)),
+            int(params["image_size"]),
+        )
 
     def build(self) -> FeaturePyramid:
         return FeaturePyramid(self.name, self.weights, self.pretrained)
@@ -69,8 +73,15 @@ def shard_name(index: int) -> str:
 
 @torch.inference_mode()
 def extract_shard(
-    manifest: pd.DataFrame, spec: BackboneSpec, out_dir: str | Path, shard: int, shard_size: int,
-    batch_size: int = 16, device: str = "auto", backbone: FeaturePyramid | None = None, progress: bool = False,
+    manifest: pd.DataFrame,
+    spec: BackboneSpec,
+    out_dir: str | Path,
+    shard: int,
+    shard_size: int,
+    batch_size: int = 16,
+    device: str = "auto",
+    backbone: FeaturePyramid | None = None,
+    progress: bool = False,
 ) -> Path:
     """Compute and write one shard (rows ``shard*shard_size`` onward of the manifest). Atomic."""
     start, stop = shard_ranges(len(manifest), shard_size)[shard]
@@ -80,7 +91,7 @@ def extract_shard(
     outputs: list[list[torch.Tensor]] = []
     batches = range(0, len(rows), batch_size)
     for b in tqdm(batches, desc=f"features shard {shard}", disable=not progress, unit="batch"):
-        images = load_batch(rows["path"].iloc[b: b + batch_size].tolist(), spec.image_size).to(dev)
+        images = load_batch(rows["path"].iloc[b : b + batch_size].tolist(), spec.image_size).to(dev)
         outputs.append([f.float().cpu() for f in backbone(images)])
     tensors = {f"stage{i}": torch.cat([o[i] for o in outputs]).contiguous() for i in range(len(outputs[0]))}
     path = Path(out_dir) / shard_name(shard)
@@ -89,7 +100,9 @@ def extract_shard(
     return path
 
 
-def write_index(manifest: pd.DataFrame, spec: BackboneSpec, manifest_sha: str, out_dir: str | Path, shard_size: int) -> dict:
+def write_index(
+    manifest: pd.DataFrame, spec: BackboneSpec, manifest_sha: str, out_dir: str | Path, shard_size: int
+) -> dict:
     """Merge shards into the cache index after checking each one holds the expected images."""
     out_dir = Path(out_dir)
     entries: dict[str, list[int]] = {}
@@ -104,16 +117,26 @@ def write_index(manifest: pd.DataFrame, spec: BackboneSpec, manifest_sha: str, o
         entries.update({image_id: [shard, row] for row, image_id in enumerate(ids)})
         shards.append(path.name)
     index = {
-        "key": cache_key(spec, manifest_sha), "backbone": asdict(spec), "manifest_sha256": manifest_sha,
-        "shard_size": shard_size, "shards": shards, "entries": entries,
+        "key": cache_key(spec, manifest_sha),
+        "backbone": asdict(spec),
+        "manifest_sha256": manifest_sha,
+        "shard_size": shard_size,
+        "shards": shards,
+        "entries": entries,
     }
     write_json(out_dir / "index.json", index)
     return index
 
 
 def extract_features(
-    manifest: pd.DataFrame, spec: BackboneSpec, manifest_sha: str, out_dir: str | Path,
-    shard_size: int = 64, batch_size: int = 16, device: str = "auto", progress: bool = True,
+    manifest: pd.DataFrame,
+    spec: BackboneSpec,
+    manifest_sha: str,
+    out_dir: str | Path,
+    shard_size: int = 64,
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = True,
 ) -> dict:
     """Extract every shard in this process (reusing shards already present for the same key)."""
     out_dir = Path(out_dir)
@@ -143,7 +166,9 @@ class FeatureCache:
             raise FileNotFoundError(f"{index_path}: no feature cache (run `vqflow features` first)")
         self.index = read_json(index_path)
         if spec is not None and manifest_sha is not None and self.index["key"] != cache_key(spec, manifest_sha):
-            raise ValueError(f"{self.path}: the feature cache was made for another backbone or manifest; re-run features")
+            raise ValueError(
+                f"{self.path}: the feature cache was made for another backbone or manifest; re-run features"
+            )
         self.spec = BackboneSpec(**self.index["backbone"])
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
 

@@ -37,9 +37,16 @@ class Result:
     threshold_source: str = "global"  # "category": the image's category threshold, "global": all categories pooled
 
     def to_json(self, model_tag: str, with_map: bool = False) -> dict:
-        payload = {"score": self.score, "is_anomaly": self.is_anomaly, "threshold": self.threshold,
-                   "threshold_source": self.threshold_source, "concept": self.concept, "model_tag": model_tag,
-                   "latency_ms": round(self.latency_ms, 3), "defect_boxes": self.boxes}
+        payload = {
+            "score": self.score,
+            "is_anomaly": self.is_anomaly,
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "concept": self.concept,
+            "model_tag": model_tag,
+            "latency_ms": round(self.latency_ms, 3),
+            "defect_boxes": self.boxes,
+        }
         if with_map:
             payload["anomaly_map_png"] = base64.b64encode(map_png(self.anomaly_map)).decode()
         return payload
@@ -59,8 +66,14 @@ def boxes_of(mask: np.ndarray, scale_x: float, scale_y: float) -> list[list[int]
     labelled, _ = ndimage.label(mask, structure=np.ones((3, 3), int))
     boxes = []
     for rows, cols in ndimage.find_objects(labelled):
-        boxes.append([int(cols.start * scale_x), int(rows.start * scale_y), int(np.ceil(cols.stop * scale_x)),
-                      int(np.ceil(rows.stop * scale_y))])
+        boxes.append(
+            [
+                int(cols.start * scale_x),
+                int(rows.start * scale_y),
+                int(np.ceil(cols.stop * scale_x)),
+                int(np.ceil(rows.stop * scale_y)),
+            ]
+        )
     return boxes
 
 
@@ -90,8 +103,10 @@ class Predictor:
     def check_category(self, category: str | None) -> None:
         """An unknown category is an error (its parts would be judged by another category's threshold)."""
         if category is not None and category not in self.categories:
-            raise UnknownCategoryError(f"category {category!r} has no calibrated threshold; known categories: "
-                                       f"{self.categories} (omit it for the global threshold)")
+            raise UnknownCategoryError(
+                f"category {category!r} has no calibrated threshold; known categories: "
+                f"{self.categories} (omit it for the global threshold)"
+            )
 
     def predict(self, images: list[Image.Image], categories: str | None | list[str | None] = None) -> list[Result]:
         """Score decoded images; ``categories`` (one for all, or one per image) selects the thresholds,
@@ -112,8 +127,19 @@ class Predictor:
             mask = scored.maps[i] > threshold_for(self.thresholds, category, "pixel")
             anomalous = score > image_threshold
             boxes = boxes_of(mask, img.width / size, img.height / size) if anomalous else []
-            results.append(Result(score, anomalous, image_threshold, int(concepts[i]) if concepts is not None else None,
-                                  scored.maps[i], mask, boxes, latency, "category" if category else "global"))
+            results.append(
+                Result(
+                    score,
+                    anomalous,
+                    image_threshold,
+                    int(concepts[i]) if concepts is not None else None,
+                    scored.maps[i],
+                    mask,
+                    boxes,
+                    latency,
+                    "category" if category else "global",
+                )
+            )
         return results
 
     def warmup(self) -> None:

@@ -92,8 +92,9 @@ def aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
     return _trapezoid_to(np.minimum(fpr, 1.0), pro, max_fpr) / max_fpr
 
 
-def category_metrics(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
-                     max_fpr: float = 0.3) -> dict[str, float]:
+def category_metrics(
+    labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3
+) -> dict[str, float]:
     """The seven metrics and mAD for one category: scores (N,), maps and masks (N, H, W)."""
     pixel_labels = masks.astype(np.uint8)
     values = {
@@ -113,8 +114,14 @@ def category_metrics(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, m
     return values
 
 
-def evaluate_categories(categories: np.ndarray, labels: np.ndarray, scores: np.ndarray, maps: np.ndarray,
-                        masks: np.ndarray, max_fpr: float = 0.3) -> dict:
+def evaluate_categories(
+    categories: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    max_fpr: float = 0.3,
+) -> dict:
     """{"mean": {...}, "per_category": {category: {...}}}; the mean is over categories (NaNs skipped)."""
     per_category = {}
     for category in sorted(set(categories.tolist())):

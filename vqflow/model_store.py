@@ -54,7 +54,9 @@ def compare(new: dict, champion: dict | None, tolerance_mean: float, tolerance_c
             continue
         value = new["per_category"][category]["mad"]
         if value < old["mad"] - tolerance_category:
-            reasons.append(f"{category} mAD {100 * value:.2f} < champion {100 * old['mad']:.2f} - {100 * tolerance_category:.2f}")
+            reasons.append(
+                f"{category} mAD {100 * value:.2f} < champion {100 * old['mad']:.2f} - {100 * tolerance_category:.2f}"
+            )
     return Decision(not reasons, reasons or ["not worse than the champion on every mean metric and category"])
 
 
@@ -123,14 +125,17 @@ def import_bundle(bundle: ModelBundle, metrics: dict, dvc_lock: str | Path = "dv
         return tag
     lock = Path(dvc_lock)
     metadata = {
-        "model": bundle.meta["model"], "backbone": bundle.spec.name, "image_size": bundle.spec.image_size,
+        "model": bundle.meta["model"],
+        "backbone": bundle.spec.name,
+        "image_size": bundle.spec.image_size,
         "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]},
         "thresholds": bundle.thresholds,
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
     }
-    with bentoml.models.create(tag, labels={"model": bundle.meta["model"]},
-                               metadata=json.loads(json.dumps(metadata, default=str))) as ref:
+    with bentoml.models.create(
+        tag, labels={"model": bundle.meta["model"]}, metadata=json.loads(json.dumps(metadata, default=str))
+    ) as ref:
         for item in bundle.path.iterdir():
             shutil.copy2(item, Path(ref.path) / item.name)
     return tag
@@ -140,9 +145,13 @@ def promote(tag: str, metrics: dict, record_path: str | Path, reason: str, publi
     """Append ``tag`` to the champion record (atomically) and publish it when a destination is configured."""
     if publish:  # first: a failed upload leaves no champion entry behind, so a retry publishes again
         publish_model(tag, publish)
-    entry = {"tag": tag, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "git_commit": _git("rev-parse", "HEAD") or "unknown", "reason": reason,
-             "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]}}
+    entry = {
+        "tag": tag,
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "reason": reason,
+        "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]},
+    }
     write_json(record_path, [*read_record(record_path), entry])
 
 
@@ -166,10 +175,13 @@ class PromotionRule:
     @classmethod
     def from_params(cls, params: dict) -> "PromotionRule":
         p = params.get("export") or {}
-        return cls(float(p.get("tolerance_mean", cls.tolerance_mean)),
-                   float(p.get("tolerance_category", cls.tolerance_category)),
-                   str(p.get("promote_branch", cls.promote_branch)), str(p.get("publish", "") or ""),
-                   str((params.get("outputs") or {}).get("champions", DEFAULT_RECORD)))
+        return cls(
+            float(p.get("tolerance_mean", cls.tolerance_mean)),
+            float(p.get("tolerance_category", cls.tolerance_category)),
+            str(p.get("promote_branch", cls.promote_branch)),
+            str(p.get("publish", "") or ""),
+            str((params.get("outputs") or {}).get("champions", DEFAULT_RECORD)),
+        )
 
 
 def _decide(tag: str, metrics: dict, rule: PromotionRule, blocker: str | None, note: str = "") -> dict:
@@ -177,8 +189,13 @@ def _decide(tag: str, metrics: dict, rule: PromotionRule, blocker: str | None, n
     or ``blocker`` says why not now. Returns the decision record (promoting when decided)."""
     current = champion(rule.record)
     if current and current["tag"] == tag:
-        return {"tag": tag, "role": "champion", "promote": False, "champion_tag": tag,
-                "reasons": ["already the champion (same content tag)"]}
+        return {
+            "tag": tag,
+            "role": "champion",
+            "promote": False,
+            "champion_tag": tag,
+            "reasons": ["already the champion (same content tag)"],
+        }
     decision = compare(metrics, current["metrics"] if current else None, rule.tolerance_mean, rule.tolerance_category)
     decision.champion_tag = current["tag"] if current else None
     if blocker:
@@ -199,11 +216,20 @@ def promote_explicitly(tag: str, params: dict) -> dict:
     """`vqflow promote TAG`: make a stored model the champion on purpose, if it is not worse (same rule)."""
     stored = _store_model(tag)
     if stored is None or not tag.startswith(MODEL_NAME + ":"):
-        raise ValueError(f"promote: {tag!r} is not a {MODEL_NAME} model in the BentoML store "
-                         f"(`bentoml models list {MODEL_NAME}` shows them)")
-    record = _decide(str(stored.tag), stored.info.metadata["metrics"], PromotionRule.from_params(params), None,
-                     "explicit `vqflow promote`; ")
+        raise ValueError(
+            f"promote: {tag!r} is not a {MODEL_NAME} model in the BentoML store "
+            f"(`bentoml models list {MODEL_NAME}` shows them)"
+        )
+    record = _decide(
+        str(stored.tag),
+        stored.info.metadata["metrics"],
+        PromotionRule.from_params(params),
+        None,
+        "explicit `vqflow promote`; ",
+    )
     if record["role"] != "champion":
-        raise ValueError(f"promote: {record['tag']} is worse than the champion {record['champion_tag']}: "
-                         + "; ".join(record["reasons"]))
+        raise ValueError(
+            f"promote: {record['tag']} is worse than the champion {record['champion_tag']}: "
+            + "; ".join(record["reasons"])
+        )
     return record

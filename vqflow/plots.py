@@ -71,13 +71,18 @@ def curve_data(test: pd.DataFrame, scores: np.ndarray, metrics: dict, out_dir: P
             for label, kind in ((0, "normal"), (1, "defective")):
                 counts = np.histogram(s[labels == label], edges)[0]
                 pd.DataFrame({"score": centres, "count": counts}).to_csv(
-                    tmp / "histogram" / f"{category}_{kind}.csv", index=False, float_format="%.6g")
+                    tmp / "histogram" / f"{category}_{kind}.csv", index=False, float_format="%.6g"
+                )
         for category, fpr, tpr, precision, recall in _category_curves(test, scores):
-            pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(tmp / "roc" / f"{category}.csv", index=False, float_format="%.6g")
+            pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(
+                tmp / "roc" / f"{category}.csv", index=False, float_format="%.6g"
+            )
             pd.DataFrame({"recall": recall, "precision": precision}).to_csv(
-                tmp / "pr" / f"{category}.csv", index=False, float_format="%.6g")
-        pd.DataFrame([{"category": c, **{n: 100 * m[n] for n in REPORTED}} for c, m in metrics["per_category"].items()]
-                     ).to_csv(tmp / "per_category.csv", index=False, float_format="%.4f")
+                tmp / "pr" / f"{category}.csv", index=False, float_format="%.6g"
+            )
+        pd.DataFrame(
+            [{"category": c, **{n: 100 * m[n] for n in REPORTED}} for c, m in metrics["per_category"].items()]
+        ).to_csv(tmp / "per_category.csv", index=False, float_format="%.4f")
     return out_dir
 
 
@@ -122,8 +127,15 @@ def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> np.ndarray
     return np.clip(out, 0, 1)
 
 
-def gallery(test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray, thresholds: dict,
-            out_dir: Path, per_kind: int = 2) -> list[Path]:
+def gallery(
+    test: pd.DataFrame,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    thresholds: dict,
+    out_dir: Path,
+    per_kind: int = 2,
+) -> list[Path]:
     """gallery_<category>.png: the worst false positives (highest-scoring normal images) and false negatives
     (lowest-scoring defective images): input, ground truth, anomaly-map overlay, predicted mask."""
     paths = []
@@ -141,8 +153,12 @@ def gallery(test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.
             image = image_to_array(load_image(test.path[i]), size).transpose(1, 2, 0)
             predicted = maps[i] > threshold_for(thresholds, category, "pixel")
             decision = "anomalous" if scores[i] > threshold_for(thresholds, category) else "normal"
-            panels = [(image, f"{test.defect_type[i]} | score {scores[i]:.3f}"), (masks[i], "ground truth"),
-                      (overlay(image, maps[i], predicted), f"{kind} -> {decision}"), (predicted, "predicted mask")]
+            panels = [
+                (image, f"{test.defect_type[i]} | score {scores[i]:.3f}"),
+                (masks[i], "ground truth"),
+                (overlay(image, maps[i], predicted), f"{kind} -> {decision}"),
+                (predicted, "predicted mask"),
+            ]
             for ax, (picture, title) in zip(row, panels):
                 ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
                 ax.set_title(title, fontsize=8)

@@ -33,8 +33,11 @@ def print_summary(params: dict, console: Console | None = None) -> None:
         for category, rows in frame.groupby("category"):
             test = rows[rows.split == "test"]
             table.add_row(
-                category, str((rows.split == "train").sum()), str((rows.split == "val").sum()),
-                str((test.label == 0).sum()), str((test.label == 1).sum()),
+                category,
+                str((rows.split == "train").sum()),
+                str((rows.split == "val").sum()),
+                str((test.label == 0).sum()),
+                str((test.label == 1).sum()),
                 ", ".join(sorted(set(test[test.label == 1].defect_type))),
             )
         console.print(table)
@@ -72,7 +75,9 @@ def print_metrics(metrics: dict, console: Console | None = None) -> None:
         table.add_column(name.replace("_", " "), justify="right")
     rows = list(metrics["per_category"].items()) + [("mean", metrics["mean"])]
     for category, values in rows:
-        table.add_row(category, *(f"{100 * values[n]:.1f}" for n in names), style="bold" if category == "mean" else None)
+        table.add_row(
+            category, *(f"{100 * values[n]:.1f}" for n in names), style="bold" if category == "mean" else None
+        )
     console.print(table)
 
 
@@ -83,8 +88,7 @@ def _pct(value: float) -> str:
 def metrics_markdown(metrics: dict) -> str:
     """The metric table (percent) as markdown: one row per category, the mean last."""
     names = [n for n in REPORTED if n in metrics["mean"]]
-    lines = ["| category | " + " | ".join(n.replace("_", " ") for n in names) + " |",
-             "|---|" + "---:|" * len(names)]
+    lines = ["| category | " + " | ".join(n.replace("_", " ") for n in names) + " |", "|---|" + "---:|" * len(names)]
     for category, values in list(metrics["per_category"].items()) + [("**mean**", metrics["mean"])]:
         lines.append(f"| {category} | " + " | ".join(_pct(values[n]) for n in names) + " |")
     return "\n".join(lines)
@@ -101,7 +105,8 @@ def write_report(params: dict, meta: dict, metrics: dict, manifest, plot_paths: 
     decisions = metrics.get("at_threshold", {})
     decision_rows = "\n".join(
         f"| {c} | {d['threshold']:.4g} | {_pct(d['precision'])} | {_pct(d['recall'])} | {_pct(d['f1'])} | "
-        f"{_pct(d['oracle_f1max'])} | {_pct(d['false_reject_rate'])} |" for c, d in decisions.items()
+        f"{_pct(d['oracle_f1max'])} | {_pct(d['false_reject_rate'])} |"
+        for c, d in decisions.items()
     )
     relative = [Path(p).resolve() for p in plot_paths]
     images = "\n".join(f"![{p.stem}]({_relpath(p, path.parent)})" for p in relative)
@@ -109,15 +114,15 @@ def write_report(params: dict, meta: dict, metrics: dict, manifest, plot_paths: 
     configuration = {k: meta.get(k) for k in ("model", "config", "train", "backbone")}
     text = f"""# vqflow run report
 
-Model **{meta['model']}**, trained on {meta.get('train_images', '?')} normal images of all categories mixed
-for {meta.get('epochs', '?')} epochs; backbone {meta.get('backbone', {}).get('name', '?')}
-({meta.get('backbone', {}).get('weights', '?')}) at {meta.get('backbone', {}).get('image_size', '?')} px.
+Model **{meta["model"]}**, trained on {meta.get("train_images", "?")} normal images of all categories mixed
+for {meta.get("epochs", "?")} epochs; backbone {meta.get("backbone", {}).get("name", "?")}
+({meta.get("backbone", {}).get("weights", "?")}) at {meta.get("backbone", {}).get("image_size", "?")} px.
 Wall-clock figures (training seconds, images per second) are in `{timing.timing_path(params)}`, not here: this
 report, like every pipeline output, is the same file whenever the inputs are.
 
 ## Data
 
-{counts.to_markdown() if hasattr(counts, 'to_markdown') and _has_tabulate() else counts.to_string()}
+{counts.to_markdown() if hasattr(counts, "to_markdown") and _has_tabulate() else counts.to_string()}
 
 ## Test metrics (%)
 
@@ -168,6 +173,7 @@ def print_validation(report, console: Console | None = None) -> None:
     for column in ("check", "level", "rows", "what is wrong", "files (first 5)"):
         table.add_column(column)
     for f in report.failures:
-        table.add_row(f.check, "warning" if f.warning else "ERROR", str(f.count), f.reason,
-                      "\n".join(f.files[:5]) or f.column)
+        table.add_row(
+            f.check, "warning" if f.warning else "ERROR", str(f.count), f.reason, "\n".join(f.files[:5]) or f.column
+        )
     console.print(table)

@@ -32,8 +32,12 @@ def _collect(outputs: list) -> Scored:
 
 
 def score_cached(
-    model: AnomalyModel, cache: FeatureCache, image_ids: Sequence[str], device: torch.device,
-    batch_size: int = 16, progress: bool = True,
+    model: AnomalyModel,
+    cache: FeatureCache,
+    image_ids: Sequence[str],
+    device: torch.device,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> Scored:
     """Score images of the feature cache by id, a batch at a time (only one batch of features in memory)."""
     model.eval().to(device)
@@ -41,7 +45,7 @@ def score_cached(
     ids = list(image_ids)
     with torch.inference_mode():
         for start in tqdm(range(0, len(ids), batch_size), desc="scoring", unit="batch", disable=not progress):
-            feats = cache.get(ids[start: start + batch_size])
+            feats = cache.get(ids[start : start + batch_size])
             outputs.append(model.predict([f.to(device) for f in feats]))
     return _collect(outputs)
 

@@ -53,8 +53,10 @@ def served_tag() -> str:
     record = SOURCE / _params().get("outputs", {}).get("champions", DEFAULT_RECORD)
     current = champion(record)
     if current is None:
-        raise RuntimeError(f"no champion {MODEL_NAME} model: {record} names none. Run the pipeline (`dvc repro`, "
-                           "whose export stage promotes) or `vqflow promote TAG`, or set VQFLOW_MODEL_TAG")
+        raise RuntimeError(
+            f"no champion {MODEL_NAME} model: {record} names none. Run the pipeline (`dvc repro`, "
+            "whose export stage promotes) or `vqflow promote TAG`, or set VQFLOW_MODEL_TAG"
+        )
     return current["tag"]
 
 
@@ -84,10 +86,16 @@ class UniformErrors:
                     return
                 status = held["start"]["status"]
                 body = json.dumps({"status": status, "error": _error_text(held["body"])}).encode()
-                headers = [(k, v) for k, v in held["start"]["headers"] if k.lower() not in (b"content-length",
-                                                                                              b"content-type")]
-                await send({**held["start"], "headers": headers + [(b"content-type", b"application/json"),
-                                                                   (b"content-length", str(len(body)).encode())]})
+                headers = [
+                    (k, v) for k, v in held["start"]["headers"] if k.lower() not in (b"content-length", b"content-type")
+                ]
+                await send(
+                    {
+                        **held["start"],
+                        "headers": headers
+                        + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                    }
+                )
                 return await send({"type": "http.response.body", "body": body})
             await send(message)
 
@@ -101,8 +109,11 @@ def _error_text(body: bytes) -> str:
         return body.decode(errors="replace").strip()
     data = data[0] if isinstance(data, list) and len(data) == 1 else data
     if isinstance(data, dict):
-        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', '')}"
-                           for d in data.get("detail", []) if isinstance(d, dict))
+        detail = "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', '')}"
+            for d in data.get("detail", [])
+            if isinstance(d, dict)
+        )
         return str(data.get("error", data)) + (f" ({detail})" if detail else "")
     return str(data)
 
@@ -121,8 +132,7 @@ class AnomalyService:
         torch.set_num_threads(SETTINGS.torch_threads or max(1, (os.cpu_count() or 1) // workers))
         self.predictor = Predictor(self.model.path, SETTINGS.device, SETTINGS.max_pixels)
         self.predictor.warmup()
-        self.batcher = MicroBatcher(self._score, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
-                                    workers)
+        self.batcher = MicroBatcher(self._score, SETTINGS.max_batch_size, SETTINGS.max_latency_ms, workers)
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -153,8 +163,7 @@ class AnomalyService:
         return category
 
     @bentoml.api
-    async def predict(self, image: ImageFile, category: str | None = None,
-                      with_map: bool = False) -> dict:
+    async def predict(self, image: ImageFile, category: str | None = None, with_map: bool = False) -> dict:
         """Score one image: {score, is_anomaly, threshold, threshold_source, concept, model_tag, latency_ms,
         defect_boxes[, anomaly_map_png]}. Without ``category`` the global (all categories) threshold applies."""
         category = self._category(category)
@@ -166,16 +175,17 @@ class AnomalyService:
     async def predict_batch(self, images: list[ImageFile], category: str | None = None) -> list[dict]:
         """Score many images (one category, or the global threshold); they share batches with other requests."""
         if len(images) > SETTINGS.max_batch_images:
-            raise InvalidArgument(f"images: {len(images)} files in one request, the limit is "
-                                  f"{SETTINGS.max_batch_images} (split the request)")
+            raise InvalidArgument(
+                f"images: {len(images)} files in one request, the limit is "
+                f"{SETTINGS.max_batch_images} (split the request)"
+            )
         category = self._category(category)
         decoded = await self._decoded(images)
         results = await self.batcher.submit([(image, category) for image in decoded])
         return [r.to_json(self.tag) for r in results]
 
     @bentoml.api
-    async def render(self, image: ImageFile,
-                     category: str | None = None) -> Annotated[Path, ContentType("image/png")]:
+    async def render(self, image: ImageFile, category: str | None = None) -> Annotated[Path, ContentType("image/png")]:
         """The overlay image (input + heat map + contour of the predicted defect mask) as PNG."""
         category = self._category(category)
         (decoded,) = await self._decoded([image])

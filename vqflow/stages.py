@@ -19,8 +19,13 @@ def generate(params: dict) -> Path:
 
     p = section(params, "generate", ("root",))
     return write_dataset(
-        p["root"], p.get("categories"), int(p.get("train_per_category", 60)), int(p.get("test_good_per_category", 12)),
-        int(p.get("test_per_defect", 5)), int(p.get("size", 256)), int(p.get("seed", 0)),
+        p["root"],
+        p.get("categories"),
+        int(p.get("train_per_category", 60)),
+        int(p.get("test_good_per_category", 12)),
+        int(p.get("test_per_defect", 5)),
+        int(p.get("size", 256)),
+        int(p.get("seed", 0)),
     )
 
 
@@ -53,8 +58,13 @@ def features(params: dict, shards: list[int] | None = None) -> dict:
     manifest_path = section(params, "prepare", ("manifest",))["manifest"]
     p = section(params, "features", ("cache",))
     return extract_features(
-        read_manifest(manifest_path), backbone_spec(params), manifest_hash(manifest_path), p["cache"],
-        int(p.get("shard_size", 64)), int(p.get("batch_size", 16)), str(p.get("device", "auto")),
+        read_manifest(manifest_path),
+        backbone_spec(params),
+        manifest_hash(manifest_path),
+        p["cache"],
+        int(p.get("shard_size", 64)),
+        int(p.get("batch_size", 16)),
+        str(p.get("device", "auto")),
     )
 
 
@@ -63,7 +73,9 @@ def _manifest_and_cache(params: dict):
     from .features import FeatureCache
 
     manifest_path = section(params, "prepare", ("manifest",))["manifest"]
-    cache = FeatureCache(section(params, "features", ("cache",))["cache"], backbone_spec(params), manifest_hash(manifest_path))
+    cache = FeatureCache(
+        section(params, "features", ("cache",))["cache"], backbone_spec(params), manifest_hash(manifest_path)
+    )
     return read_manifest(manifest_path), cache
 
 
@@ -75,8 +87,9 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     from .train import Checkpoint, TrainConfig, fingerprint, seed_everything, train_model, write_history
 
     manifest, cache = _manifest_and_cache(params)
-    name, config = config_from_params(section(params, "model", ("name",)), in_channels=_channels(cache),
-                                      image_size=cache.spec.image_size)
+    name, config = config_from_params(
+        section(params, "model", ("name",)), in_channels=_channels(cache), image_size=cache.spec.image_size
+    )
     cfg = TrainConfig.from_params(dict(section(params, "train")), name)
     seed_everything(cfg.seed)
     model = create_model(name, config)
@@ -88,7 +101,12 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     history = train_model(
-        model, features, cfg, device, checkpoint, lambda h: write_history(out["train_log"], h),
+        model,
+        features,
+        cfg,
+        device,
+        checkpoint,
+        lambda h: write_history(out["train_log"], h),
         stop_after_epoch=stop_after_epoch,
     )
     write_history(out["train_log"], history)  # also when a finished checkpoint was restored
@@ -96,13 +114,28 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
         raise RuntimeError(f"training stopped after epoch {len(history)} of {cfg.epochs}; run again to resume")
     thresholds = calibrate_thresholds(params, model, manifest, cache, device)
     # the extractor that made the cached features goes into the bundle, so serving needs no weights source
-    ModelBundle.write(out["model"], model, name, config, thresholds, cache.spec.build(), extra={
-        "backbone": cache.index["backbone"], "feature_cache_key": cache.index["key"],
-        "train": cfg.__dict__, "train_images": len(train_ids), "epochs": cfg.epochs if model.trainable else 0,
-    })
-    timing.record(params, "train", seconds=time.perf_counter() - started,
-                  training_seconds=sum(row.get("seconds", 0.0) for row in history),
-                  seconds_per_epoch=[row.get("seconds") for row in history])
+    ModelBundle.write(
+        out["model"],
+        model,
+        name,
+        config,
+        thresholds,
+        cache.spec.build(),
+        extra={
+            "backbone": cache.index["backbone"],
+            "feature_cache_key": cache.index["key"],
+            "train": cfg.__dict__,
+            "train_images": len(train_ids),
+            "epochs": cfg.epochs if model.trainable else 0,
+        },
+    )
+    timing.record(
+        params,
+        "train",
+        seconds=time.perf_counter() - started,
+        training_seconds=sum(row.get("seconds", 0.0) for row in history),
+        seconds_per_epoch=[row.get("seconds") for row in history],
+    )
     return Path(out["model"])
 
 
@@ -142,8 +175,9 @@ def evaluate(params: dict) -> dict:
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     scored = score_cached(model, cache, test.image_id.tolist(), device, int(p.get("batch_size", 16)))
     masks = ground_truth_masks(test, scored.maps.shape[-1])
-    metrics = evaluate_categories(test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks,
-                                  float(p.get("max_fpr", 0.3)))
+    metrics = evaluate_categories(
+        test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks, float(p.get("max_fpr", 0.3))
+    )
     metrics["at_threshold"] = decisions(test, scored.scores, thresholds)
     metrics["epochs"] = meta.get("epochs")
     metrics["model"] = meta["model"]
@@ -160,8 +194,12 @@ def ground_truth_masks(test: pd.DataFrame, size: int) -> np.ndarray:
     """The ground-truth masks of the test rows at the maps' size (all zero for normal images)."""
     from .data.images import load_mask, resize_mask
 
-    return np.stack([resize_mask(load_mask(m or None, (int(w), int(h))), size)
-                     for m, w, h in zip(test.mask_path, test.width, test.height)])
+    return np.stack(
+        [
+            resize_mask(load_mask(m or None, (int(w), int(h))), size)
+            for m, w, h in zip(test.mask_path, test.width, test.height)
+        ]
+    )
 
 
 def decisions(test: pd.DataFrame, scores: np.ndarray, thresholds: dict) -> dict:
@@ -217,7 +255,7 @@ def inference_fps(bundle, model, test: pd.DataFrame, device, images: int = 32, b
     score_images(model, backbone, load_batch(paths[:2], spec.image_size), device)
     started = time.perf_counter()
     for start in range(0, len(paths), batch_size):
-        score_images(model, backbone, load_batch(paths[start: start + batch_size], spec.image_size), device)
+        score_images(model, backbone, load_batch(paths[start : start + batch_size], spec.image_size), device)
     return len(paths) / (time.perf_counter() - started)
 
 
@@ -235,16 +273,24 @@ def validate(params: dict) -> "object":
     p = section(params, "validate", ("result", "docs"))
     started = time.perf_counter()
     report = validate_manifest(manifest, p, p["docs"])
-    write_json(Path(p["docs"]) / "result.json", {"failures": [f.__dict__ for f in report.failures],
-                                                   "gx_result": report.result})
-    write_json(p["result"], {
-        "success": report.success, "images": len(manifest),
-        "failed_checks": len(report.errors), "warnings": len(report.failures) - len(report.errors),
-    })
+    write_json(
+        Path(p["docs"]) / "result.json", {"failures": [f.__dict__ for f in report.failures], "gx_result": report.result}
+    )
+    write_json(
+        p["result"],
+        {
+            "success": report.success,
+            "images": len(manifest),
+            "failed_checks": len(report.errors),
+            "warnings": len(report.failures) - len(report.errors),
+        },
+    )
     timing.record(params, "validate", seconds=time.perf_counter() - started)
     if not report.success:
-        lines = [f"  {f.check}: {f.count} rows - {f.reason}; e.g. {', '.join(f.files[:5]) or f.column}"
-                 for f in report.errors]
+        lines = [
+            f"  {f.check}: {f.count} rows - {f.reason}; e.g. {', '.join(f.files[:5]) or f.column}"
+            for f in report.errors
+        ]
         error = DataValidationError("data validation failed (see " + p["docs"] + "/index.html):\n" + "\n".join(lines))
         error.report = report
         raise error

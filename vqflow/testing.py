@@ -20,24 +20,62 @@ import numpy as np
 def tiny_params(root: Path) -> dict:
     """params for a complete tiny pipeline run inside ``root`` (64 px, small vqflow, 2 epochs)."""
     return {
-        "generate": {"root": str(root / "data/synthetic"), "categories": ["wood", "chip"], "train_per_category": 8,
-                     "test_good_per_category": 2, "test_per_defect": 1, "size": 64, "seed": 0},
-        "prepare": {"sources": [{"kind": "mvtec", "root": str(root / "data/synthetic")}], "val_fraction": 0.25,
-                    "seed": 0, "manifest": str(root / "data/manifest.csv")},
-        "validate": {"min_train_per_category": 3, "min_test_per_category": 2, "result": str(root / "metrics/validation.json"),
-                     "docs": str(root / "reports/validation")},
-        "features": {"backbone": "tf_efficientnet_lite0", "weights": "packaged", "image_size": 64,
-                     "cache": str(root / "data/features"), "shard_size": 8},
-        "model": {"name": "vqflow", "vqflow": {"embed_dim": 8, "pe_channels": 4, "num_prototypes": 2, "num_patterns": 8,
-                  "flow_blocks": [1, 1, 1]}},
+        "generate": {
+            "root": str(root / "data/synthetic"),
+            "categories": ["wood", "chip"],
+            "train_per_category": 8,
+            "test_good_per_category": 2,
+            "test_per_defect": 1,
+            "size": 64,
+            "seed": 0,
+        },
+        "prepare": {
+            "sources": [{"kind": "mvtec", "root": str(root / "data/synthetic")}],
+            "val_fraction": 0.25,
+            "seed": 0,
+            "manifest": str(root / "data/manifest.csv"),
+        },
+        "validate": {
+            "min_train_per_category": 3,
+            "min_test_per_category": 2,
+            "result": str(root / "metrics/validation.json"),
+            "docs": str(root / "reports/validation"),
+        },
+        "features": {
+            "backbone": "tf_efficientnet_lite0",
+            "weights": "packaged",
+            "image_size": 64,
+            "cache": str(root / "data/features"),
+            "shard_size": 8,
+        },
+        "model": {
+            "name": "vqflow",
+            "vqflow": {
+                "embed_dim": 8,
+                "pe_channels": 4,
+                "num_prototypes": 2,
+                "num_patterns": 8,
+                "flow_blocks": [1, 1, 1],
+            },
+        },
         "train": {"epochs": 2, "batch_size": 4, "checkpoint_every": 1, "init_images": 8},
         "thresholds": {"target_frr": 0.01, "pixel_fpr": 0.005},
         "evaluate": {"batch_size": 4},
         "export": {"tolerance_mean": 0.005, "tolerance_category": 0.01},
-        "outputs": {k: str(root / v) for k, v in {
-            "model": "models/model", "checkpoints": "data/checkpoints", "train_log": "metrics/train_log.json",
-            "metrics": "metrics/metrics.json", "scores": "metrics/scores.csv", "plots": "plots",
-            "report": "reports/report.md", "export": "metrics/export.json", "timing": "metrics/timing.json"}.items()},
+        "outputs": {
+            k: str(root / v)
+            for k, v in {
+                "model": "models/model",
+                "checkpoints": "data/checkpoints",
+                "train_log": "metrics/train_log.json",
+                "metrics": "metrics/metrics.json",
+                "scores": "metrics/scores.csv",
+                "plots": "plots",
+                "report": "reports/report.md",
+                "export": "metrics/export.json",
+                "timing": "metrics/timing.json",
+            }.items()
+        },
     }
 
 
@@ -94,8 +132,9 @@ def moto_s3() -> Iterator[str]:
     """An S3-compatible server (moto in server mode) on 127.0.0.1; yields its endpoint URL."""
     port = free_port()
     server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(endpoint + "/moto-api/", timeout=30)
@@ -106,21 +145,34 @@ def moto_s3() -> Iterator[str]:
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
-    return {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "DVC_NO_ANALYTICS": "1"}
+    return {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "DVC_NO_ANALYTICS": "1",
+    }
 
 
 @contextlib.contextmanager
-def bentoml_server(env: dict[str, str] | None = None, timeout: float = 180.0, target: str = "vqflow.serving:AnomalyService",
-                   cwd: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+def bentoml_server(
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+    target: str = "vqflow.serving:AnomalyService",
+    cwd: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`bentoml serve <target>` (the service of this checkout, or a bento tag) on 127.0.0.1; yields (url, process)
     once /readyz is 200."""
     port = free_port()
     root = cwd or Path(__file__).resolve().parents[1]  # the checkout this package is in
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", target,
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=root,
-                            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=root,
+        env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/readyz", timeout=timeout)

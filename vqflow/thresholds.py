@@ -59,5 +59,10 @@ def decision_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -
     recall = tp / (tp + fn) if tp + fn else float("nan")
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
     normals = int((labels == 0).sum())
-    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
-            "false_reject_rate": fp / normals if normals else float("nan")}
+    return {
+        "threshold": float(threshold),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "false_reject_rate": fp / normals if normals else float("nan"),
+    }

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .io import read_json, write_json
 
+
 def timing_path(params: dict) -> Path:
     """``outputs.timing``; without it, timing.json beside ``outputs.metrics``."""
     outputs = params.get("outputs", {})

@@ -108,10 +108,14 @@ class Checkpoint:
     def save(self, model: AnomalyModel, optimizer: torch.optim.Optimizer, epoch: int, history: list[dict]) -> None:
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         with atomic_dir(self.path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                str(tmp / "model.safetensors"),
+            )
             save_file({**opt_tensors, "rng.torch": torch.get_rng_state()}, str(tmp / "state.safetensors"))
-            (tmp / "progress.json").write_text(json.dumps(
-                {"fingerprint": self.fingerprint, "epoch": epoch, "history": history, "optimizer": opt_meta}))
+            (tmp / "progress.json").write_text(
+                json.dumps({"fingerprint": self.fingerprint, "epoch": epoch, "history": history, "optimizer": opt_meta})
+            )
 
     def load(self, model: AnomalyModel, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]] | None:
         """Restore and return (next epoch, history), or None when there is no compatible checkpoint."""
@@ -176,11 +180,13 @@ def train_model(
             lr = learning_rate(cfg, epoch, step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ids = order[step * batch: (step + 1) * batch]
+            ids = order[step * batch : (step + 1) * batch]
             for chunk in model.training_chunks([f[ids].to(device, non_blocking=True) for f in features]):
                 out = model.training_step(chunk)
                 if not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {out.loss.item()} (lower train.lr?)")
+                    raise FloatingPointError(
+                        f"epoch {epoch + 1} step {step}: loss is {out.loss.item()} (lower train.lr?)"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -209,7 +215,9 @@ def train_model(
     model.eval()
     started = time.perf_counter()
     with torch.no_grad():
-        model.fit_statistics([f[start: start + batch].to(device) for f in features] for start in range(0, count, batch))
+        model.fit_statistics(
+            [f[start : start + batch].to(device) for f in features] for start in range(0, count, batch)
+        )
     if not epochs:
         history = [{"epoch": 0, "seconds": time.perf_counter() - started}]
         if log is not None:
@@ -223,4 +231,12 @@ def write_history(path: str | Path, history: list[dict]) -> None:
     write_json(path, [{k: v for k, v in row.items() if k != "seconds"} for row in history])
 
 
-__all__ = ["TrainConfig", "Checkpoint", "train_model", "write_history", "fingerprint", "learning_rate", "seed_everything"]
+__all__ = [
+    "TrainConfig",
+    "Checkpoint",
+    "train_model",
+    "write_history",
+    "fingerprint",
+    "learning_rate",
+    "seed_everything",
+]

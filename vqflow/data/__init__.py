@@ -17,8 +17,11 @@ READERS = {
     "magnetic_tile": lambda s: read_magnetic_tile(s["root"], s.get("split_csv", "split_80_20_seed0.csv")),
     "normal_folder": lambda s: read_normal_folder(s["root"]),
     "cifar10": lambda s: read_cifar_semantic(
-        s["root"], s["normal_classes"], s.get("archive", "cifar10_jpeg.zip"),
-        s.get("train_per_class"), s.get("test_per_class"),
+        s["root"],
+        s["normal_classes"],
+        s.get("archive", "cifar10_jpeg.zip"),
+        s.get("train_per_class"),
+        s.get("test_per_class"),
     ),
 }
 
@@ -30,7 +33,9 @@ def read_sources(sources: list[dict[str, Any]]) -> Iterator[Sample]:
     for i, source in enumerate(sources):
         kind = source.get("kind")
         if kind not in READERS:
-            raise ValueError(f"prepare.sources[{i}].kind: unknown dataset kind {kind!r}; choose one of {sorted(READERS)}")
+            raise ValueError(
+                f"prepare.sources[{i}].kind: unknown dataset kind {kind!r}; choose one of {sorted(READERS)}"
+            )
         if "root" not in source:
             raise ValueError(f"prepare.sources[{i}]: missing 'root'")
         yield from READERS[kind](source)

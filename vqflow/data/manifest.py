@@ -23,8 +23,24 @@ from .images import ImageLoadError, decode_image, load_mask, read_bytes, to_rgb
 from .sample import Sample
 
 COLUMNS = [
-    "image_id", "path", "category", "split", "label", "defect_type", "mask_path", "width", "height", "mode",
-    "sha256", "decode_error", "mean", "std", "sharpness", "mask_width", "mask_height", "mask_fraction",
+    "image_id",
+    "path",
+    "category",
+    "split",
+    "label",
+    "defect_type",
+    "mask_path",
+    "width",
+    "height",
+    "mode",
+    "sha256",
+    "decode_error",
+    "mean",
+    "std",
+    "sharpness",
+    "mask_width",
+    "mask_height",
+    "mask_fraction",
     "mask_nonbinary",
 ]
 SPLITS = ("train", "val", "test")
@@ -61,8 +77,16 @@ def _sharpness(gray: np.ndarray) -> float:
 
 def image_stats(path: str) -> dict:
     """Decode a file and measure what validation checks; decoding failures are recorded, not raised."""
-    row: dict = {"sha256": "", "width": 0, "height": 0, "mode": "", "decode_error": "",
-                 "mean": np.nan, "std": np.nan, "sharpness": np.nan}
+    row: dict = {
+        "sha256": "",
+        "width": 0,
+        "height": 0,
+        "mode": "",
+        "decode_error": "",
+        "mean": np.nan,
+        "std": np.nan,
+        "sharpness": np.nan,
+    }
     try:
         data = read_bytes(path)
         row["sha256"] = hashlib.sha256(data).hexdigest()
@@ -95,7 +119,9 @@ def mask_stats(path: str) -> dict:
     return row
 
 
-def build_manifest(samples: Iterable[Sample], val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+def build_manifest(
+    samples: Iterable[Sample], val_fraction: float = 0.1, seed: int = 0, progress: bool = True
+) -> pd.DataFrame:
     """Turn reader samples into the manifest table (one row per image, statistics included)."""
     rows = []
     assigned = assign_validation(samples, val_fraction, seed)
@@ -128,9 +154,12 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found (run `vqflow prepare` first)")
-    frame = pd.read_csv(path, dtype={"image_id": str, "mask_path": str, "decode_error": str, "mode": str},
-                        keep_default_na=False, na_values={"mean": [""], "std": [""], "sharpness": [""],
-                                                          "mask_fraction": [""], "mask_nonbinary": [""]})
+    frame = pd.read_csv(
+        path,
+        dtype={"image_id": str, "mask_path": str, "decode_error": str, "mode": str},
+        keep_default_na=False,
+        na_values={"mean": [""], "std": [""], "sharpness": [""], "mask_fraction": [""], "mask_nonbinary": [""]},
+    )
     missing = set(COLUMNS) - set(frame.columns)
     if missing:
         raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")

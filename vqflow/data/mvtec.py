@@ -66,9 +66,12 @@ def read_mvtec(root: str | Path, categories: Iterable[str] | None = None) -> Ite
 
 def _no_orphan_masks(ground_truth: Path, claimed: set[str]) -> None:
     """A mask no test image claims means a renamed or deleted image, or a mask in the wrong defect folder."""
-    masks = sorted(p for p in ground_truth.rglob("*") if p.is_file() and is_image(p.name)) if ground_truth.is_dir() else []
+    masks = (
+        sorted(p for p in ground_truth.rglob("*") if p.is_file() and is_image(p.name)) if ground_truth.is_dir() else []
+    )
     orphans = [str(p) for p in masks if str(p) not in claimed]
     if orphans:
         raise DatasetLayoutError(
             f"{len(orphans)} ground-truth masks belong to no test image (expected test/<defect>/<name>.png beside"
-            f" ground_truth/<defect>/<name>_mask.png): {', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''}")
+            f" ground_truth/<defect>/<name>_mask.png): {', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''}"
+        )

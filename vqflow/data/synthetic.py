@@ -311,15 +311,21 @@ class Category:
 
 CATEGORIES: dict[str, Category] = {
     "fabric": Category(
-        "texture", _fabric_scene, _fabric,
+        "texture",
+        _fabric_scene,
+        _fabric,
         {"scratch": _scratch, "hole": _hole, "contamination": _contamination, "crack": _crack},
     ),
     "wood": Category(
-        "texture", _wood_scene, _wood,
+        "texture",
+        _wood_scene,
+        _wood,
         {"scratch": _scratch, "hole": _hole, "contamination": _contamination, "crack": _crack},
     ),
     "washer": Category(
-        "object", _washer_scene, _washer,
+        "object",
+        _washer_scene,
+        _washer,
         {
             "scratch": _scratch,
             "missing": _rerender(_bite, _washer),
@@ -328,7 +334,9 @@ CATEGORIES: dict[str, Category] = {
         },
     ),
     "chip": Category(
-        "object", _chip_scene, _chip,
+        "object",
+        _chip_scene,
+        _chip,
         {
             "missing_part": _rerender(_drop_part, _chip),
             "misplaced_part": _rerender(_shift_part, _chip),
@@ -403,5 +411,7 @@ def generate(
             folder = defect or "good"
             _save_png(image, out / category / split / folder / f"{index:03d}.png")
             if defect:
-                _save_png(mask.astype(np.uint8) * 255, out / category / "ground_truth" / defect / f"{index:03d}_mask.png")
+                _save_png(
+                    mask.astype(np.uint8) * 255, out / category / "ground_truth" / defect / f"{index:03d}_mask.png"
+                )
     return root

@@ -28,7 +28,9 @@ class ConceptGaussian(nn.Module):
         self.max_log_scale = max_log_scale
 
         def head(out: int) -> nn.Sequential:
-            net = nn.Sequential(nn.Linear(prototype_dim, prototype_dim), nn.ReLU(inplace=True), nn.Linear(prototype_dim, out))
+            net = nn.Sequential(
+                nn.Linear(prototype_dim, prototype_dim), nn.ReLU(inplace=True), nn.Linear(prototype_dim, out)
+            )
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias)
             return net
@@ -42,7 +44,9 @@ class ConceptGaussian(nn.Module):
         return [(m(prototypes), bound * torch.tanh(s(prototypes) / bound)) for m, s in zip(self.means, self.log_scales)]
 
 
-def summed_log_density(zs: Sequence[torch.Tensor], params: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+def summed_log_density(
+    zs: Sequence[torch.Tensor], params: Sequence[tuple[torch.Tensor, torch.Tensor]] | None
+) -> torch.Tensor:
     """Sum over scales, channels and pixels of log N(z_l; mean_l, scale_l^2) per image; N(0, I) if no params."""
     total = zs[0].new_zeros(zs[0].shape[0])
     for l, z in enumerate(zs):

@@ -50,8 +50,15 @@ def conditional_decoder(channels: int, cond_channels: int, blocks: int, clamp: f
     """CFLOW's decoder: AllInOneBlocks over vectors, Linear subnets, soft permutations, PE condition."""
     flow = SequenceINN(channels)
     for _ in range(blocks):
-        flow.append(AllInOneBlock, cond=0, cond_shape=(cond_channels,), subnet_constructor=LinearSubnet,
-                    affine_clamping=clamp, global_affine_type="SOFTPLUS", permute_soft=True)
+        flow.append(
+            AllInOneBlock,
+            cond=0,
+            cond_shape=(cond_channels,),
+            subnet_constructor=LinearSubnet,
+            affine_clamping=clamp,
+            global_affine_type="SOFTPLUS",
+            permute_soft=True,
+        )
     return flow
 
 

@@ -51,15 +51,15 @@ class FusionCoupling(nn.Module):
         passive = [c - c // 2 for c in self.channels]
         active = [c // 2 for c in self.channels]
         self.halves = [(passive, active), (active, passive)]
-        self.subnets = nn.ModuleList(
-            ConvSubnet(sum(src) + cond_channels, 2 * sum(dst)) for src, dst in self.halves
-        )
+        self.subnets = nn.ModuleList(ConvSubnet(sum(src) + cond_channels, 2 * sum(dst)) for src, dst in self.halves)
 
     def _split(self, xs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         parts = [torch.split(x, [x.shape[1] - x.shape[1] // 2, x.shape[1] // 2], 1) for x in xs]
         return [p[0] for p in parts], [p[1] for p in parts]
 
-    def _coefficients(self, step: int, sources: list[torch.Tensor], cond: torch.Tensor | None, targets: list[torch.Tensor]):
+    def _coefficients(
+        self, step: int, sources: list[torch.Tensor], cond: torch.Tensor | None, targets: list[torch.Tensor]
+    ):
         size = sources[-1].shape[-2:]
         pooled = [F.adaptive_avg_pool2d(s, size) for s in sources]
         if self.cond_channels:

@@ -20,9 +20,9 @@ def _positional_encoding(channels: int, height: int, width: int) -> torch.Tensor
     xs = torch.arange(width, dtype=torch.float64)[:, None] * freq[None]
     pe = torch.zeros(channels, height, width, dtype=torch.float64)
     pe[0:quarter] = torch.sin(xs).t()[:, None, :].expand(-1, height, -1)
-    pe[quarter:2 * quarter] = torch.cos(xs).t()[:, None, :].expand(-1, height, -1)
-    pe[2 * quarter:3 * quarter] = torch.sin(ys).t()[:, :, None].expand(-1, -1, width)
-    pe[3 * quarter:] = torch.cos(ys).t()[:, :, None].expand(-1, -1, width)
+    pe[quarter : 2 * quarter] = torch.cos(xs).t()[:, None, :].expand(-1, height, -1)
+    pe[2 * quarter : 3 * quarter] = torch.sin(ys).t()[:, :, None].expand(-1, -1, width)
+    pe[3 * quarter :] = torch.cos(ys).t()[:, :, None].expand(-1, -1, width)
     return pe.float()
 
 
@@ -54,7 +54,9 @@ class LinearSubnet(nn.Module):
 
     def __init__(self, channels_in: int, channels_out: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(channels_in, 2 * channels_in), nn.ReLU(), nn.Linear(2 * channels_in, channels_out))
+        self.net = nn.Sequential(
+            nn.Linear(channels_in, 2 * channels_in), nn.ReLU(), nn.Linear(2 * channels_in, channels_out)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -63,14 +65,22 @@ class LinearSubnet(nn.Module):
 def mlp_bn(channels_in: int, channels_out: int) -> nn.Sequential:
     """Linear-BN-ReLU-Linear-BN-ReLU: the CPC projection of the pooled top-stage feature."""
     return nn.Sequential(
-        nn.Linear(channels_in, channels_out), nn.BatchNorm1d(channels_out), nn.ReLU(inplace=True),
-        nn.Linear(channels_out, channels_out), nn.BatchNorm1d(channels_out), nn.ReLU(inplace=True),
+        nn.Linear(channels_in, channels_out),
+        nn.BatchNorm1d(channels_out),
+        nn.ReLU(inplace=True),
+        nn.Linear(channels_out, channels_out),
+        nn.BatchNorm1d(channels_out),
+        nn.ReLU(inplace=True),
     )
 
 
 def conv_bn(channels_in: int, channels_out: int) -> nn.Sequential:
     """conv1x1-BN-ReLU-conv1x1-BN-ReLU: the CSPC per-pixel pattern projection."""
     return nn.Sequential(
-        nn.Conv2d(channels_in, channels_out, 1), nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True),
-        nn.Conv2d(channels_out, channels_out, 1), nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True),
+        nn.Conv2d(channels_in, channels_out, 1),
+        nn.BatchNorm2d(channels_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channels_out, channels_out, 1),
+        nn.BatchNorm2d(channels_out),
+        nn.ReLU(inplace=True),
     )

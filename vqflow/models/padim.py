@@ -36,7 +36,9 @@ class PaDiMConfig:
     def __post_init__(self):
         bad = [s for s in self.stages if not 0 <= s < len(self.in_channels)]
         if not self.stages or bad or sorted(self.stages) != self.stages:
-            raise ValueError(f"model.padim.stages: {self.stages} must be increasing stages 0..{len(self.in_channels) - 1}")
+            raise ValueError(
+                f"model.padim.stages: {self.stages} must be increasing stages 0..{len(self.in_channels) - 1}"
+            )
         if not 0 <= self.channels <= self.total_channels:
             raise ValueError(f"model.padim.channels must be 0 (all) or 1..{self.total_channels}, got {self.channels}")
 
@@ -64,8 +66,12 @@ class PaDiM(AnomalyModel):
     def embedding(self, features: list[torch.Tensor]) -> torch.Tensor:
         """(B, positions, dims): the chosen stages on the finest grid, concatenated, channel subset applied."""
         grid = self.config.grid
-        maps = [features[s] if features[s].shape[-1] == grid else F.interpolate(features[s], size=(grid, grid), mode="nearest")
-                for s in self.config.stages]
+        maps = [
+            features[s]
+            if features[s].shape[-1] == grid
+            else F.interpolate(features[s], size=(grid, grid), mode="nearest")
+            for s in self.config.stages
+        ]
         x = torch.cat(maps, 1)[:, self.channel_index]
         return x.flatten(2).transpose(1, 2)
 

@@ -72,7 +72,9 @@ class VectorQuantizer(nn.Module):
     def forward(self, vectors: torch.Tensor) -> Quantized:
         if not bool(self.initialized):
             if not self.training:
-                raise RuntimeError("the codebook was never initialised: train the model (or load trained weights) first")
+                raise RuntimeError(
+                    "the codebook was never initialised: train the model (or load trained weights) first"
+                )
             self.initialize(vectors)
         flat = vectors.reshape(-1, self.dim)
         indices = self.nearest(flat.detach())

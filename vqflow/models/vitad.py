@@ -32,13 +32,13 @@ from .base import AnomalyModel, Prediction, StepOutput
 class ViTADConfig:
     in_channels: list[int] = field(default_factory=lambda: [24, 40, 112, 320])
     image_size: int = 256
-    patch_size: int = 16        # token grid = image_size / patch_size per side
-    decoder_dim: int = 192      # ViT-S encoder: 384 (the published decoder is as wide as the encoder)
-    decoder_heads: int = 3      # ViT-S: 6
+    patch_size: int = 16  # token grid = image_size / patch_size per side
+    decoder_dim: int = 192  # ViT-S encoder: 384 (the published decoder is as wide as the encoder)
+    decoder_heads: int = 3  # ViT-S: 6
     blocks_per_stage: int = 3
     mlp_ratio: float = 4.0
     smoothing_sigma: float = 4.0
-    pool_size: int = 16         # image score = max of the pool_size x pool_size average-pooled map
+    pool_size: int = 16  # image score = max of the pool_size x pool_size average-pooled map
 
     def __post_init__(self):
         if len(self.in_channels) != 4:
@@ -76,7 +76,9 @@ class ViTAD(AnomalyModel):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid * cfg.grid, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.decoder = nn.ModuleList(
-            nn.Sequential(*(Block(dim, cfg.decoder_heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.blocks_per_stage)))
+            nn.Sequential(
+                *(Block(dim, cfg.decoder_heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.blocks_per_stage))
+            )
             for _ in range(3)
         )
         # decoder stage k reconstructs encoder stage 2 - k (mirrored)

@@ -60,14 +60,21 @@ class VQFlowConfig:
     # | position: score from -log p_l standardised per position (training mean/std)
 
     # what a model saved before these fields existed was built with (load_model fills absent fields from here)
-    LEGACY_VALUES: ClassVar[dict] = {"flow_stages": [0, 1, 2], "pool": True, "normalization": "image",
-                                     "cadm_placement": "fusion"}
+    LEGACY_VALUES: ClassVar[dict] = {
+        "flow_stages": [0, 1, 2],
+        "pool": True,
+        "normalization": "image",
+        "cadm_placement": "fusion",
+    }
 
     def __post_init__(self):
         if len(self.in_channels) != 4:
             raise ValueError(f"vqflow needs the 4-stage pyramid, got channels {self.in_channels}")
-        if len(self.flow_stages) != 3 or sorted(set(self.flow_stages)) != self.flow_stages or not all(
-                0 <= s <= 3 for s in self.flow_stages):
+        if (
+            len(self.flow_stages) != 3
+            or sorted(set(self.flow_stages)) != self.flow_stages
+            or not all(0 <= s <= 3 for s in self.flow_stages)
+        ):
             raise ValueError(f"model.flow_stages needs 3 increasing pyramid stages (0-3), got {self.flow_stages}")
         if len(self.flow_blocks) != 3:
             raise ValueError(f"model.flow_blocks needs 3 entries (one per scale), got {self.flow_blocks}")
@@ -106,19 +113,23 @@ class VQFlow(AnomalyModel):
         proto_dim = cfg.embed_dim if cfg.cpc else 0
         if cfg.cpc:
             self.cpc_proj = mlp_bn(cfg.in_channels[3], cfg.embed_dim)
-            self.cpc_vq = VectorQuantizer(cfg.num_prototypes, cfg.embed_dim, cfg.vq_decay, dead_fraction=cfg.dead_fraction)
+            self.cpc_vq = VectorQuantizer(
+                cfg.num_prototypes, cfg.embed_dim, cfg.vq_decay, dead_fraction=cfg.dead_fraction
+            )
         pattern_dim = (pe_dim + proto_dim) if cfg.cspc_mode == "residual" else (pe_dim + cfg.embed_dim)
         if cfg.cspc:
             self.cspc_proj = nn.ModuleList(conv_bn(c, pattern_dim) for c in channels)
             self.cspc_vq = nn.ModuleList(
-                VectorQuantizer(cfg.num_patterns, pattern_dim, cfg.vq_decay, dead_fraction=cfg.dead_fraction) for _ in channels
+                VectorQuantizer(cfg.num_patterns, pattern_dim, cfg.vq_decay, dead_fraction=cfg.dead_fraction)
+                for _ in channels
             )
             cond_dim = pattern_dim + proto_dim
         else:
             cond_dim = pe_dim + proto_dim
         self.cond_dim = cond_dim
         self.flows = nn.ModuleList(
-            parallel_flow(c, s, s, b, cond_dim, cfg.clamp) for c, s, b in zip(channels, cfg.scale_sizes, cfg.flow_blocks)
+            parallel_flow(c, s, s, b, cond_dim, cfg.clamp)
+            for c, s, b in zip(channels, cfg.scale_sizes, cfg.flow_blocks)
         )
         self.fusion = FusionCoupling(channels, proto_dim, cfg.clamp)
         if cfg.cadm:
@@ -244,8 +255,10 @@ class VQFlow(AnomalyModel):
         """k-means++ codebooks from the training data, level by level (prototypes first, then patterns)."""
         sizes, expected = [f.shape[-1] for f in features], [self.config.image_size // s for s in (4, 8, 16, 32)]
         if sizes != expected:
-            raise ValueError(f"vqflow/msflow need a CNN pyramid at strides 4/8/16/32 (sizes {expected}), the features "
-                             f"have sizes {sizes}: use a CNN features.backbone (cflow and vitad also take a plain ViT)")
+            raise ValueError(
+                f"vqflow/msflow need a CNN pyramid at strides 4/8/16/32 (sizes {expected}), the features "
+                f"have sizes {sizes}: use a CNN features.backbone (cflow and vitad also take a plain ViT)"
+            )
         was_training = self.training
         self.train()
         for vq in ([self.cpc_vq] if self.config.cpc else []) + (list(self.cspc_vq) if self.config.cspc else []):
@@ -316,8 +329,10 @@ class VQFlow(AnomalyModel):
 
     def position_map(self, log_p: list[torch.Tensor]) -> torch.Tensor:
         """sum_l upsample((-log p_l - mean_l) / std_l): each scale in units of its own variation on normal images."""
-        return sum(upsample((-m - getattr(self, f"nll_mean_{l}")) / getattr(self, f"nll_std_{l}"), self.config.image_size)
-                   for l, m in enumerate(log_p))
+        return sum(
+            upsample((-m - getattr(self, f"nll_mean_{l}")) / getattr(self, f"nll_std_{l}"), self.config.image_size)
+            for l, m in enumerate(log_p)
+        )
 
     @torch.no_grad()
     def predict(self, features: list[torch.Tensor]) -> Prediction:

@@ -21,7 +21,9 @@ def derive(manifest: pd.DataFrame, limits: dict) -> pd.DataFrame:
         has_mask & (frame.mask_width == frame.width) & (frame.mask_height == frame.height)
     )
     frame["mask_not_empty"] = ~defective | (frame.mask_fraction.fillna(0) > 0) | ~has_mask
-    frame["mask_binary"] = ~has_mask | (frame.mask_nonbinary.fillna(1.0) <= float(limits.get("max_mask_nonbinary", 0.5)))
+    frame["mask_binary"] = ~has_mask | (
+        frame.mask_nonbinary.fillna(1.0) <= float(limits.get("max_mask_nonbinary", 0.5))
+    )
     frame["normal_has_no_mask"] = defective | ~has_mask
     frame["train_is_normal"] = ~training | (frame.label == 0)
     test_hashes = set(frame.loc[frame.split == "test", "sha256"]) - {""}

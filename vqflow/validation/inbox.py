@@ -26,9 +26,12 @@ def inbox_samples(inbox: str | Path) -> list[Sample]:
     inbox = Path(inbox)
     if not inbox.is_dir():
         return []
-    return [Sample(str(p), folder.name, "train", 0)
-            for folder in sorted(d for d in inbox.iterdir() if d.is_dir())
-            for p in sorted(folder.iterdir()) if p.is_file() and is_image(p.name)]
+    return [
+        Sample(str(p), folder.name, "train", 0)
+        for folder in sorted(d for d in inbox.iterdir() if d.is_dir())
+        for p in sorted(folder.iterdir())
+        if p.is_file() and is_image(p.name)
+    ]
 
 
 def validate_inbox(inbox: str | Path, manifest: pd.DataFrame, limits: dict) -> InboxVerdict:

@@ -31,47 +31,77 @@ def _expectations(limits: dict) -> list:
     expectations = [
         flag("decodes", "decodable", "the file cannot be decoded as an image"),
         gxe.ExpectColumnValuesToBeBetween(
-            column="width", min_value=int(limits.get("min_size", 32)), max_value=int(limits.get("max_size", 8192)),
+            column="width",
+            min_value=int(limits.get("min_size", 32)),
+            max_value=int(limits.get("max_size", 8192)),
             row_condition=image_rows,
-            meta={"check": "size_allowed", "reason": "image width outside the allowed range"}),
+            meta={"check": "size_allowed", "reason": "image width outside the allowed range"},
+        ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="height", min_value=int(limits.get("min_size", 32)), max_value=int(limits.get("max_size", 8192)),
+            column="height",
+            min_value=int(limits.get("min_size", 32)),
+            max_value=int(limits.get("max_size", 8192)),
             row_condition=image_rows,
-            meta={"check": "size_allowed", "reason": "image height outside the allowed range"}),
+            meta={"check": "size_allowed", "reason": "image height outside the allowed range"},
+        ),
         gxe.ExpectColumnValuesToBeInSet(
-            column="mode", value_set=list(limits.get("modes", ["RGB", "L", "RGBA", "P", "I;16", "I", "LA"])),
+            column="mode",
+            value_set=list(limits.get("modes", ["RGB", "L", "RGBA", "P", "I;16", "I", "LA"])),
             row_condition=image_rows,
-            meta={"check": "mode_allowed", "reason": "image mode (channels) not in the allowed set"}),
+            meta={"check": "mode_allowed", "reason": "image mode (channels) not in the allowed set"},
+        ),
         flag("mask_matches_image", "mask_matches_image", "defective test image without a mask of the same size"),
         flag("mask_not_empty", "mask_not_empty", "the mask of a defective image is empty"),
-        flag("mask_binary", "mask_binary",
-             "the mask is not binary (too many of its non-zero pixels are between 0 and 255)"),
+        flag(
+            "mask_binary",
+            "mask_binary",
+            "the mask is not binary (too many of its non-zero pixels are between 0 and 255)",
+        ),
         flag("normal_has_no_mask", "normal_has_no_mask", "a normal image has a mask"),
         flag("train_is_normal", "train_is_normal", "a defective image is in the training data"),
         flag("not_leaked", "no_train_test_leakage", "the same image (sha256) is in train and in test"),
         flag("unique_in_split", "no_duplicates_in_split", "exact duplicate image inside one split"),
-        flag("category_has_enough_images", "min_images_per_category",
-             "the category has too few train or test images"),
-        flag("size_consistent", "size_consistent_in_category",
-             "the image size differs from its category's usual size (allow with validate.variable_size_categories)"),
+        flag("category_has_enough_images", "min_images_per_category", "the category has too few train or test images"),
+        flag(
+            "size_consistent",
+            "size_consistent_in_category",
+            "the image size differs from its category's usual size (allow with validate.variable_size_categories)",
+        ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="std", min_value=float(limits.get("min_contrast", 0.01)), row_condition=image_rows,
-            meta={"check": "not_blank", "reason": "the image is blank (all black, all white or flat)"}),
+            column="std",
+            min_value=float(limits.get("min_contrast", 0.01)),
+            row_condition=image_rows,
+            meta={"check": "not_blank", "reason": "the image is blank (all black, all white or flat)"},
+        ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="sharpness", min_value=float(limits.get("min_sharpness", 5e-5)), row_condition=image_rows,
-            meta={"check": "not_blurred", "reason": "the image is extremely blurred (low Laplacian variance)"}),
+            column="sharpness",
+            min_value=float(limits.get("min_sharpness", 5e-5)),
+            row_condition=image_rows,
+            meta={"check": "not_blurred", "reason": "the image is extremely blurred (low Laplacian variance)"},
+        ),
         gxe.ExpectColumnValuesToBeInSet(
-            column="split", value_set=["train", "val", "test"],
-            meta={"check": "split_allowed", "reason": "unknown split"}),
+            column="split",
+            value_set=["train", "val", "test"],
+            meta={"check": "split_allowed", "reason": "unknown split"},
+        ),
     ]
     allowed = limits.get("categories") or []
     if allowed:
-        expectations.append(gxe.ExpectColumnValuesToBeInSet(
-            column="category", value_set=list(allowed), meta={"check": "category_allowed", "reason": "category not allowed"}))
+        expectations.append(
+            gxe.ExpectColumnValuesToBeInSet(
+                column="category",
+                value_set=list(allowed),
+                meta={"check": "category_allowed", "reason": "category not allowed"},
+            )
+        )
     else:
-        expectations.append(gxe.ExpectColumnValuesToMatchRegex(
-            column="category", regex=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
-            meta={"check": "category_allowed", "reason": "category name is empty or has unexpected characters"}))
+        expectations.append(
+            gxe.ExpectColumnValuesToMatchRegex(
+                column="category",
+                regex=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+                meta={"check": "category_allowed", "reason": "category name is empty or has unexpected characters"},
+            )
+        )
     return expectations
 
 
@@ -105,8 +135,9 @@ def _context(docs_dir: Path | None):
     return gx.get_context(mode="file", project_root_dir=str(project)), project
 
 
-def validate_manifest(manifest: pd.DataFrame, limits: dict, docs_dir: str | Path | None = None,
-                      name: str = "manifest") -> ValidationReport:
+def validate_manifest(
+    manifest: pd.DataFrame, limits: dict, docs_dir: str | Path | None = None, name: str = "manifest"
+) -> ValidationReport:
     """Run the suite as a GX Checkpoint; optionally build the Data Docs HTML into ``docs_dir``."""
     import great_expectations as gx
 
@@ -120,11 +151,17 @@ def validate_manifest(manifest: pd.DataFrame, limits: dict, docs_dir: str | Path
         for expectation in _expectations(limits):
             suite.add_expectation(expectation)
         definition = context.validation_definitions.add(
-            gx.ValidationDefinition(data=batch_definition, suite=suite, name=f"{name}_validation"))
+            gx.ValidationDefinition(data=batch_definition, suite=suite, name=f"{name}_validation")
+        )
         actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if project else []
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"{name}_checkpoint", validation_definitions=[definition], actions=actions,
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ID_COLUMN]}))
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{name}_checkpoint",
+                validation_definitions=[definition],
+                actions=actions,
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ID_COLUMN]},
+            )
+        )
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         if project:
             built = project / "gx" / "uncommitted" / "data_docs" / "local_site"
@@ -143,9 +180,15 @@ def validate_manifest(manifest: pd.DataFrame, limits: dict, docs_dir: str | Path
         meta = item.expectation_config.meta or {}
         result = item.result or {}
         files = [row[ID_COLUMN] for row in result.get("unexpected_index_list", []) if isinstance(row, dict)]
-        failures.append(Failure(meta.get("check", item.expectation_config.type), meta.get("reason", ""),
-                                item.expectation_config.kwargs.get("column", ""),
-                                int(result.get("unexpected_count", len(files))), files,
-                                meta.get("check") in warn_only))
+        failures.append(
+            Failure(
+                meta.get("check", item.expectation_config.type),
+                meta.get("reason", ""),
+                item.expectation_config.kwargs.get("column", ""),
+                int(result.get("unexpected_count", len(files))),
+                files,
+                meta.get("check") in warn_only,
+            )
+        )
     success = not any(not f.warning for f in failures)
     return ValidationReport(success, failures, json.loads(json.dumps(outcome.describe_dict(), default=str)))
