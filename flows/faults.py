@@ -84,13 +84,11 @@ def scratch_repo(root: Path) -> Path:
 
     import yaml
 
-    from vqflow.testing import tiny_params
+    from vqflow.testing import repo_params
 
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(ROOT / "vqflow", root / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))
-    params = tiny_params(Path("."))  # paths relative to the repo, as in the project's params.yaml
-    params["prepare"]["sources"] = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["sources"]
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "params.yaml").write_text(yaml.safe_dump(repo_params()))
     (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     _git(root, "init", "-q", "-b", "main")
     _git(root, "config", "user.email", "ci@example.com")

@@ -33,8 +33,9 @@ from vqflow.config import load_params
 from vqflow.data.manifest import read_manifest
 from vqflow.io import read_json
 from vqflow.model_store import TRANSACTION_PREFIX
+from flows import inbox as inbox_store
+from vqflow.feedback import SIDECAR
 from vqflow.validation import validate_inbox
-from vqflow.validation.inbox import inbox_samples
 
 ADDED = "data/added"  # prepare.sources holds {kind: normal_folder, root: data/added}
 IDENTITY = {
@@ -125,24 +126,29 @@ def recover(root: str) -> list[str]:
 
 
 @task
-def check_inbox(root: str, inbox: str) -> dict:
-    """Validate every inbox image against the current dataset: {"accepted": [...], "rejected": {path: reasons}}."""
+def check_inbox(root: str, folder: str) -> dict:
+    """Validate every image of the (local) inbox folder against the current dataset:
+    {"accepted": [...], "rejected": {path: reasons}}."""
     params = load_params(Path(root) / "params.yaml")
     manifest = read_manifest(Path(root) / params["prepare"]["manifest"])
-    verdict = validate_inbox(Path(root) / inbox, manifest, params["validate"])
+    verdict = validate_inbox(folder, manifest, params["validate"])
     return {"accepted": verdict.accepted, "rejected": verdict.rejected}
 
 
 @task
-def quarantine(root: str, rejected: dict[str, list[str]], folder: str) -> list[str]:
-    """Move rejected images to ``folder/<category>/`` with a ``.reason.txt`` beside each."""
+def quarantine(root: str, inbox: str, rejected: dict[str, list[str]], folder: str) -> list[str]:
+    """Move rejected images (with their sidecars) out of the inbox to ``folder/<category>/``, a ``.reason.txt``
+    beside each."""
     moved = []
     for path, reasons in rejected.items():
         source = Path(path)
         target = Path(root) / folder / source.parent.name / source.name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.with_name(target.name + ".reason.txt").write_text("\n".join(reasons) + "\n")
-        shutil.move(str(source), target)
+        for item in (source, source.with_name(source.name + SIDECAR)):
+            if item.exists():
+                shutil.copy2(item, target.with_name(item.name))
+        inbox_store.remove(Path(root), inbox, source)
         moved.append(str(target))
     return moved
 
@@ -150,16 +156,19 @@ def quarantine(root: str, rejected: dict[str, list[str]], folder: str) -> list[s
 @task
 def add_to_dataset(root: str, accepted: list[str]) -> list[str]:
     """Copy accepted images to data/added/<category>/ under their content's name (atomically; the inbox keeps
-    them until the run landed); an image already there is not copied again."""
+    them until the run landed), with their feedback sidecars; an image already there is not copied again."""
     copies = []
     for path in accepted:
-        target = content_copy(Path(root), Path(path))
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.part")
-            shutil.copy2(path, partial)
-            partial.replace(target)
-        copies.append(str(target))
+        image = content_copy(Path(root), Path(path))
+        sidecar = Path(path + SIDECAR)
+        pairs = [(Path(path), image)] + ([(sidecar, image.with_name(image.name + SIDECAR))] if sidecar.exists() else [])
+        for source, target in reversed(pairs):  # the sidecar first: a copied image always has its record
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(f".{target.name}.part")
+                shutil.copy2(source, partial)
+                partial.replace(target)
+        copies.append(str(image))
     return copies
 
 
@@ -246,7 +255,7 @@ def _comparison(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
-def _settle(root: Path, inbox_images: list[Path], branch: str, push: bool, logger) -> list[Path]:
+def _settle(root: Path, inbox: str, inbox_images: list[Path], branch: str, push: bool, logger) -> list[Path]:
     """Inbox images whose copies are committed on ``branch`` (a run was killed after landing): publish, then
     remove them from the inbox. Returns the images still waiting."""
     committed = committed_copies(root)
@@ -254,7 +263,7 @@ def _settle(root: Path, inbox_images: list[Path], branch: str, push: bool, logge
     if settled:
         done = publish(str(root), branch) if push else []
         for path in settled:
-            path.unlink()
+            inbox_store.remove(root, inbox, path)
         logger.info(
             "%d inbox images were already committed by an interrupted run (%s): removed from the inbox",
             len(settled),
@@ -265,9 +274,11 @@ def _settle(root: Path, inbox_images: list[Path], branch: str, push: bool, logge
 
 @flow(name="vqflow-retrain", log_prints=True)
 def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | None = None, push: bool = True) -> dict:
-    """Retrain when new normal images are waiting in ``inbox/<category>/`` (relative to ``repo`` or absolute);
-    promote only if not worse; with ``push``, publish the commits and data to the git and DVC remotes.
-    Rejected images go to ``quarantine_dir`` (default: ``quarantine`` beside the inbox)."""
+    """Retrain when new normal images are waiting in ``inbox/<category>/`` (a folder relative to ``repo`` or
+    absolute, or an ``s3://`` prefix); promote only if not worse; with ``push``, publish the commits and data to
+    the git and DVC remotes. Rejected images go to ``quarantine_dir`` (default: ``quarantine`` beside the inbox,
+    or beside the staging folder of a remote inbox). At most ``retrain.max_per_category`` images of a category
+    are taken per run (the oldest first); the rest wait for the next run."""
     logger = get_run_logger()
     root = Path(repo).resolve()
     for note in recover(str(root)):
@@ -275,17 +286,27 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
     branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
     if branch == "HEAD":
         raise CheckoutNotClean(f"{root} is on a detached HEAD: retraining commits to a branch (check one out)")
-    waiting = _settle(root, [Path(s.path) for s in inbox_samples(root / inbox)], branch, push, logger)
+    folder = inbox_store.fetch(root, inbox)
+    waiting = _settle(root, inbox, inbox_store.waiting(root, inbox), branch, push, logger)
     if not waiting:
         return {"status": "empty"}
-    verdict = check_inbox(str(root), inbox)
-    moved = quarantine(str(root), verdict["rejected"], quarantine_dir or str((root / inbox).parent / "quarantine"))
+    verdict = check_inbox(str(root), str(folder))
+    moved = quarantine(
+        str(root), inbox, verdict["rejected"], inbox_store.quarantine_folder(root, inbox, quarantine_dir)
+    )
     for path in moved:
         logger.warning("quarantined %s", path)
-    accepted = verdict["accepted"]
+    params = load_params(root / "params.yaml")
+    cap = int((params.get("retrain") or {}).get("max_per_category", 0))
+    accepted, deferred = inbox_store.capped(verdict["accepted"], cap)
+    if deferred:
+        logger.warning("%d accepted images wait for the next run (retrain.max_per_category: %d)", len(deferred), cap)
     if not accepted:
         return {"status": "all rejected", "quarantined": moved}
+    feedback = inbox_store.from_feedback(accepted)
     before = _champion(root)
+    metrics_path = root / params["outputs"]["metrics"]
+    metrics_before = read_json(metrics_path) if metrics_path.is_file() else None
     start = _git(root, "rev-parse", "HEAD")
     _git(root, "checkout", "-q", "-b", TRANSACTION_PREFIX + branch)
     try:
@@ -297,7 +318,6 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
             stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
             force=["prepare"],
         )
-        params = load_params(root / "params.yaml")
         record = read_json(root / params["outputs"]["export"])
         _git(root, "add", "-A", "--", "dvc.lock", *git_kept_outputs(root))
         _git(
@@ -316,24 +336,75 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
         raise
     pushed = publish(str(root), branch) if push else []
     for path in accepted:
-        Path(path).unlink()
+        inbox_store.remove(root, inbox, Path(path))
+    rejects = false_rejects(root, params, metrics_before, metrics, [content_copy(root, Path(p)) for p in feedback])
     create_markdown_artifact(
         key="vqflow-retrain",
         description="challenger vs champion",
-        markdown=f"# Retraining: {len(copies)} new images, model {record['tag']} is **{record['role']}**\n\n"
+        markdown=f"# Retraining: {len(copies)} new images ({len(feedback)} confirmed normals from feedback), model "
+        f"{record['tag']} is **{record['role']}**\n\n"
         + "; ".join(record["reasons"])
         + "\n\n"
-        + _comparison(before["metrics"] if before else None, metrics),
+        + _comparison(before["metrics"] if before else None, metrics)
+        + "\n\n"
+        + false_reject_table(rejects),
     )
     return {
         "status": record["role"],
         "tag": record["tag"],
         "added": copies,
+        "from_feedback": len(feedback),
+        "deferred": deferred,
+        "false_rejects": rejects,
         "quarantined": moved,
         "pushed": pushed,
         "champion_before": before["tag"] if before else None,
         "champion_after": (_champion(root) or {}).get("tag"),
     }
+
+
+def false_rejects(root: Path, params: dict, before: dict | None, after: dict, feedback_copies: list[Path]) -> dict:
+    """Per category: the false-reject rate at the calibrated threshold on the test normals (held out from
+    training and calibration) before and after the run, and how many of the feedback images (false alarms of
+    the model that scored them) the new model still rejects at its threshold."""
+    from vqflow.feedback import read_sidecar
+    from vqflow.inference import Predictor
+
+    report: dict[str, dict] = {}
+    for category, at in after.get("at_threshold", {}).items():
+        old = ((before or {}).get("at_threshold") or {}).get(category, {})
+        report[category] = {"test_frr_before": old.get("false_reject_rate"), "test_frr_after": at["false_reject_rate"]}
+    if feedback_copies:
+        predictor = Predictor(root / params["outputs"]["model"], str(params.get("evaluate", {}).get("device", "auto")))
+        manifest = read_manifest(root / params["prepare"]["manifest"]).set_index("path")
+        for image in feedback_copies:
+            category, sidecar = image.parent.name, read_sidecar(str(image)) or {}
+            (result,) = predictor.predict([predictor.decode(image.read_bytes(), str(image))], category)
+            entry = report.setdefault(category, {})
+            entry["feedback"] = entry.get("feedback", 0) + 1
+            entry["rejected_when_sent"] = entry.get("rejected_when_sent", 0) + int(bool(sidecar.get("is_anomaly")))
+            entry["rejected_now"] = entry.get("rejected_now", 0) + int(result.is_anomaly)
+            split = manifest["split"].get(str(image.relative_to(root)), "?")
+            entry[f"in_{split}"] = entry.get(f"in_{split}", 0) + 1
+    return report
+
+
+def false_reject_table(report: dict) -> str:
+    lines = [
+        "| category | test FRR before | test FRR after | feedback images | rejected when sent | rejected now |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    for category, e in sorted(report.items()):
+        lines.append(
+            f"| {category} | {pct(e.get('test_frr_before'))} | {pct(e.get('test_frr_after'))} | {e.get('feedback', 0)} "
+            f"| {e.get('rejected_when_sent', '-')} | {e.get('rejected_now', '-')} |"
+        )
+    return (
+        "False rejects at the calibrated thresholds. Test FRR: share of the test normals rejected. Feedback images "
+        "land in the train or val split like any new normal (val ones are held out for calibration), so "
+        "'rejected now' is mostly measured on images the model trained on.\n\n" + "\n".join(lines)
+    )
 
 
 if __name__ == "__main__":

@@ -144,6 +144,69 @@ def committed_copy(repo, sha: str) -> bytes:
     return next(p.read_bytes() for p in (repo / "data/added").rglob("*") if p.is_file() and digest(p) == sha)
 
 
+def test_retrain_takes_feedback_from_an_s3_inbox_at_most_the_cap_per_category(repo):
+    """Three confirmed normals sent as feedback to an S3 inbox (one of them twice) and retrain.max_per_category 2:
+    the run takes the two oldest, adds each once with its record, reports them as feedback with the false
+    rejects, and removes exactly those objects from the store; the newest waits for the next run."""
+    import boto3
+
+    from flows.retrain import retrain
+    from vqflow.feedback import FeedbackStore
+    from vqflow.testing import moto_s3, s3_env
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["retrain"] = {"max_per_category": 2}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    _git(repo, "commit", "-qam", "retrain: at most 2 images per category and run")
+    added_before = set(_added(repo))
+    sent = new_normals(repo.parent / f"{repo.name}-operator", 3, 800)
+    saved = dict(os.environ)
+    with moto_s3() as endpoint:
+        os.environ.update(s3_env(endpoint))
+        try:
+            boto3.client("s3").create_bucket(Bucket="line")
+            store = FeedbackStore("s3://line/inbox")
+            stored = [
+                store.put(
+                    path.read_bytes(),
+                    "PNG",
+                    "wood",
+                    "normal",
+                    score=9.0,
+                    is_anomaly=True,
+                    received_at=f"2026-11-0{i + 1}T08:00:00Z",
+                )
+                for i, path in enumerate(sent)
+            ]
+            assert store.put(sent[0].read_bytes(), "PNG", "wood", "normal").duplicate
+            result = retrain(str(repo), inbox="s3://line/inbox", push=False)
+            remaining = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="line")["Contents"])
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    newest = Path(stored[2].location).name
+    assert (
+        result["from_feedback"] == 2
+        and len(result["added"]) == 2
+        and [Path(p).name for p in result["deferred"]] == [newest]
+    )
+    assert remaining == [f"inbox/wood/{newest}", f"inbox/wood/{newest}.json"]
+    added = set(_added(repo)) - added_before
+    taken = {Path(s.location).name for s in stored[:2]}
+    assert added == taken | {name + ".json" for name in taken}  # each image once, with its feedback record
+    report = result["false_rejects"]["wood"]
+    assert report["feedback"] == 2 and report["rejected_when_sent"] == 2 and 0 <= report["rejected_now"] <= 2
+    assert report["test_frr_before"] is not None and report["test_frr_after"] is not None
+    assert report.get("in_train", 0) + report.get("in_val", 0) == 2
+    assert _git_status(repo) == ""
+
+
+def _git_status(repo) -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def test_retrain_with_an_empty_inbox_does_nothing(repo):
     from flows.retrain import retrain
 

@@ -1,5 +1,6 @@
 """`bentoml serve` as a real subprocess on 127.0.0.1: decisions, offline equality, bad input, still serving."""
 
+import hashlib
 import io
 import json
 import os
@@ -16,6 +17,9 @@ from PIL import Image
 from vqflow.testing import bentoml_server
 
 
+FEEDBACK_TOKEN = "s3cret-token"
+
+
 @pytest.fixture(scope="module")
 def server(trained_project, tmp_path_factory):
     root, params = trained_project
@@ -27,6 +31,8 @@ def server(trained_project, tmp_path_factory):
         "VQFLOW_MAX_PIXELS": "1000000",
         "VQFLOW_MAX_UPLOAD_BYTES": "2000000",
         "VQFLOW_MAX_BATCH_IMAGES": "8",
+        "VQFLOW_INBOX": str(home / "line/inbox"),
+        "VQFLOW_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
     }
     import yaml
 
@@ -42,7 +48,7 @@ def server(trained_project, tmp_path_factory):
     assert "as challenger" in exported.stdout  # not a committed run on main: stored, not promoted
     env["VQFLOW_MODEL_TAG"] = json.loads(Path(params["outputs"]["export"]).read_text())["tag"]
     with bentoml_server(env) as (url, _):
-        yield url, root, params
+        yield url, root, params, Path(env["VQFLOW_INBOX"])
 
 
 def _png(img: Image.Image) -> bytes:
@@ -56,7 +62,7 @@ def _post(url, endpoint, data: bytes, name="x.png", content_type="image/png", **
 
 
 def test_served_scores_and_decisions_equal_the_offline_evaluation(server):
-    url, root, params = server
+    url, root, params, _ = server
     manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
     offline = pd.read_csv(params["outputs"]["scores"], dtype={"image_id": str}).set_index("image_id")
     thresholds = json.loads((Path(params["outputs"]["model"]) / "thresholds.json").read_text())
@@ -78,7 +84,7 @@ def test_served_scores_and_decisions_equal_the_offline_evaluation(server):
 def test_concurrent_requests_are_batched_and_answered_exactly(server):
     from concurrent.futures import ThreadPoolExecutor
 
-    url, _, params = server
+    url, _, params, _ = server
     paths = sorted(Path(params["generate"]["root"]).rglob("test/*/*.png"))[:12]
     alone = [_post(url, "predict", p.read_bytes()).json()["score"] for p in paths]
     with ThreadPoolExecutor(12) as pool:
@@ -90,7 +96,7 @@ def test_concurrent_requests_are_batched_and_answered_exactly(server):
 
 
 def test_batch_render_map_and_metrics(server):
-    url, root, params = server
+    url, root, params, _ = server
     paths = sorted(Path(params["generate"]["root"]).rglob("test/*/*.png"))[:3]
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
     batch = requests.post(f"{url}/predict_batch", files=files, timeout=60)
@@ -108,7 +114,7 @@ def test_batch_render_map_and_metrics(server):
 
 
 def test_other_image_modes_are_scored(server):
-    url, _, params = server
+    url, _, params, _ = server
     path = sorted(Path(params["generate"]["root"]).rglob("train/good/*.png"))[0]
     rgb = Image.open(path)
     gray16 = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257))
@@ -124,7 +130,7 @@ def test_other_image_modes_are_scored(server):
 
 
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server):
-    url, _, params = server
+    url, _, params, _ = server
     good = sorted(Path(params["generate"]["root"]).rglob("train/good/*.png"))[0].read_bytes()
     cases = {
         "not an image": (b"hello, this is text", "image/png", "cannot decode image"),
@@ -154,3 +160,84 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server):
     )
     assert too_many.status_code == 400 and "limit is 8" in too_many.json()["error"]
     assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+
+
+def _stored(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_feedback_stores_confirmed_normals_once_and_defectives_apart(server):
+    url, _, params, inbox = server
+    manifest = pd.read_csv(params["prepare"]["manifest"], keep_default_na=False)
+    normal = manifest[(manifest.split == "test") & (manifest.label == 0)].iloc[0]
+    defective = manifest[(manifest.split == "test") & (manifest.label == 1)].iloc[0]
+    auth = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
+    data = Path(normal.path).read_bytes()
+    answers = [
+        requests.post(
+            f"{url}/feedback",
+            files={"image": ("a.png", data, "image/png")},
+            headers=auth,
+            data={"category": normal.category, "label": "normal"},
+            timeout=60,
+        )
+        for _ in range(2)
+    ]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    first, second = (a.json() for a in answers)
+    assert (first["duplicate"], second["duplicate"]) == (False, True)
+    digest = hashlib.sha256(data).hexdigest()
+    assert first["location"] == str(inbox / normal.category / f"{digest[:32]}.png") == second["location"]
+    assert Path(first["location"]).read_bytes() == data
+    sidecar = json.loads(Path(first["location"] + ".json").read_text())
+    predicted = _post(url, "predict", data, category=normal.category).json()
+    assert sidecar["score"] == pytest.approx(predicted["score"]) and sidecar["model_tag"] == predicted["model_tag"]
+    assert (sidecar["category"], sidecar["label"], sidecar["sha256"], sidecar["source"]) == (
+        normal.category,
+        "normal",
+        digest,
+        "feedback",
+    )
+    assert sidecar["is_anomaly"] == predicted["is_anomaly"]
+
+    marked = requests.post(
+        f"{url}/feedback",
+        files={"image": ("d.png", Path(defective.path).read_bytes(), "image/png")},
+        headers=auth,
+        data={"category": defective.category, "label": "defective"},
+        timeout=60,
+    )
+    assert marked.status_code == 200, marked.text
+    assert Path(marked.json()["location"]).parent.parent == inbox.parent / "review"  # never in the inbox
+    assert _stored(inbox) == [f"{normal.category}/{digest[:32]}.png", f"{normal.category}/{digest[:32]}.png.json"]
+
+
+def test_feedback_without_the_token_or_with_bad_input_writes_nothing(server):
+    url, _, params, inbox = server
+    manifest = pd.read_csv(params["prepare"]["manifest"], keep_default_na=False)
+    row = manifest[manifest.split == "test"].iloc[-1]
+    before = _stored(inbox.parent)
+    good = ("x.png", Path(row.path).read_bytes(), "image/png")
+    cases = [
+        ({}, good, {"category": row.category}, 401),
+        ({"Authorization": "Bearer wrong"}, good, {"category": row.category}, 401),
+        (
+            {"Authorization": f"Bearer {FEEDBACK_TOKEN}"},
+            ("notes.png", b"not an image", "image/png"),
+            {"category": row.category},
+            400,
+        ),
+        ({"Authorization": f"Bearer {FEEDBACK_TOKEN}"}, good, {"category": "no_such_category"}, 400),
+        ({"Authorization": f"Bearer {FEEDBACK_TOKEN}"}, good, {"category": row.category, "label": "maybe"}, 400),
+    ]
+    for headers, upload, fields, status in cases:
+        answer = requests.post(f"{url}/feedback", files={"image": upload}, data=fields, headers=headers, timeout=60)
+        assert answer.status_code == status, (fields, answer.text)
+        assert answer.json()["status"] == status and answer.json()["error"]
+    assert (
+        "notes.png"
+        in requests.post(
+            f"{url}/feedback", files={"image": cases[2][1]}, data=cases[2][2], headers=cases[2][0], timeout=60
+        ).json()["error"]
+    )
+    assert _stored(inbox.parent) == before

@@ -13,7 +13,8 @@ import boto3
 import yaml
 from PIL import Image
 
-from tests.conftest import ROOT, tiny_params
+from tests.conftest import ROOT
+from vqflow.testing import repo_params
 from vqflow.testing import free_port, moto_s3, s3_env, wait_http
 
 BIN = Path(sys.executable).parent
@@ -36,8 +37,7 @@ def _developer_repo(path: Path, origin: Path, env: dict) -> None:
     (path / "prefect.yaml").write_text(yaml.safe_dump(deployments, sort_keys=False))
     shutil.copytree(ROOT / "vqflow", path / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "flows", path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    params = tiny_params(Path("."))
-    params["prepare"]["sources"] = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["sources"]
+    params = repo_params()
     params["export"]["publish"] = "s3://vqflow-models/champions/"
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     _run(["git", "init", "-q", "-b", "main"], path, env)

@@ -123,6 +123,41 @@ def predict_stage(params: dict, args: argparse.Namespace) -> None:
         raise ValueError(f"{failures} of {len(args.images)} images could not be read")
 
 
+@stage("feedback")
+def feedback_stage(params: dict, args: argparse.Namespace) -> None:
+    """Store images an operator confirmed (normal: into the retrain inbox; defective: for review)."""
+    import io
+    import os
+
+    from PIL import Image
+
+    from .config import ServeSettings
+    from .data.images import read_bytes
+    from .bundle import ModelBundle
+    from .feedback import FeedbackStore
+    from .inference import Predictor
+    from .model_store import model_tag
+
+    if not args.images:
+        raise ValueError("feedback: name at least one image file")
+    settings = ServeSettings.load(params)
+    store = FeedbackStore(
+        args.inbox or settings.inbox or os.environ.get("VQFLOW_INBOX") or "data/inbox", settings.review
+    )
+    model_dir = args.model or params.get("outputs", {}).get("model", "models/model")
+    predictor = Predictor(model_dir, settings.device, settings.max_pixels)
+    predictor.check_category(args.category)
+    tag = model_tag(ModelBundle(model_dir))  # the content tag: the model store's name for this model
+    for path in args.images:  # every file is checked before anything is stored
+        predictor.decode(read_bytes(path), path)
+    for path in args.images:
+        data = read_bytes(path)
+        (result,) = predictor.predict([predictor.decode(data, path)], args.category)
+        stored = store.put(data, Image.open(io.BytesIO(data)).format, args.category, args.label, **result.decision(tag))
+        state = "already stored" if stored.duplicate else "stored"
+        print(f"{path}: {args.label}, score={result.score:.6f} -> {state} as {stored.location}")
+
+
 @stage("summary")
 def summary_stage(params: dict, args: argparse.Namespace) -> None:
     """Print a table of what the stages produced."""
@@ -144,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--model", help="model directory (default: outputs.model of params)")
             command.add_argument("--category", help="category whose threshold applies (default: the global one)")
             command.add_argument("--out", default="predictions", help="folder for the overlay PNGs")
+        if name == "feedback":
+            command.add_argument("images", nargs="*", help="image files the operator judged")
+            command.add_argument("--category", required=True, help="the images' category")
+            command.add_argument("--label", choices=["normal", "defective"], default="normal")
+            command.add_argument(
+                "--inbox", help="folder or s3:// prefix (default: serve.inbox, $VQFLOW_INBOX, data/inbox)"
+            )
+            command.add_argument("--model", help="model directory that scores them (default: outputs.model)")
     args = parser.parse_args(argv)
     try:
         STAGES[args.stage](load_params(args.params), args)

@@ -51,6 +51,8 @@ class ServeSettings:
     max_pixels: int = 40_000_000  # decompression-bomb limit per image (width x height)
     max_upload_bytes: int = 20_000_000
     max_batch_images: int = 64  # images per /predict_batch request
+    inbox: str = ""  # /feedback stores confirmed normals here (the retrain inbox: a folder or s3://bucket/prefix)
+    review: str = ""  # and images labelled defective here ("": `review` beside the inbox)
 
     @classmethod
     def load(cls, params: dict[str, Any], environ: Mapping[str, str] | None = None) -> "ServeSettings":

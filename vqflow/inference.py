@@ -36,6 +36,10 @@ class Result:
     latency_ms: float
     threshold_source: str = "global"  # "category": the image's category threshold, "global": all categories pooled
 
+    def decision(self, model_tag: str) -> dict:
+        """What the model said of the image (a feedback sidecar records it)."""
+        return {"score": self.score, "is_anomaly": self.is_anomaly, "threshold": self.threshold, "model_tag": model_tag}
+
     def to_json(self, model_tag: str, with_map: bool = False) -> dict:
         payload = {
             "score": self.score,

@@ -10,6 +10,8 @@ Every 4xx answer has one JSON shape: ``{"status": <code>, "error": "<message nam
 from __future__ import annotations
 
 import asyncio
+import hmac
+import io
 import json
 import os
 from http import HTTPStatus
@@ -27,6 +29,7 @@ from starlette.responses import Response
 from .batching import MicroBatcher
 from .config import ServeSettings
 from .data.images import ImageLoadError
+from .feedback import FeedbackError, FeedbackStore
 from .inference import Predictor, UnknownCategoryError, render_overlay
 from .model_store import DEFAULT_RECORD, MODEL_NAME, champion
 
@@ -62,6 +65,22 @@ def served_tag() -> str:
 
 class UploadTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class Unauthorized(BentoMLException):
+    error_code = HTTPStatus.UNAUTHORIZED
+
+
+class FeedbackNotConfigured(BentoMLException):
+    error_code = HTTPStatus.NOT_FOUND
+
+
+def token_matches(expected: str, authorization: str | None) -> bool:
+    """``Authorization: Bearer <token>`` against the shared token (constant time); no token set: open."""
+    if not expected:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
 class UniformErrors:
@@ -132,6 +151,8 @@ class AnomalyService:
         torch.set_num_threads(SETTINGS.torch_threads or max(1, (os.cpu_count() or 1) // workers))
         self.predictor = Predictor(self.model.path, SETTINGS.device, SETTINGS.max_pixels)
         self.predictor.warmup()
+        self.feedback_store = FeedbackStore(SETTINGS.inbox, SETTINGS.review) if SETTINGS.inbox else None
+        self.feedback_token = os.environ.get("VQFLOW_FEEDBACK_TOKEN", "")
         self.batcher = MicroBatcher(self._score, SETTINGS.max_batch_size, SETTINGS.max_latency_ms, workers)
         self.ready = True
 
@@ -183,6 +204,38 @@ class AnomalyService:
         decoded = await self._decoded(images)
         results = await self.batcher.submit([(image, category) for image in decoded])
         return [r.to_json(self.tag) for r in results]
+
+    @bentoml.api
+    async def feedback(
+        self, image: ImageFile, category: str, label: str = "normal", ctx: bentoml.Context = None
+    ) -> dict:
+        """An operator's verdict on an image: ``normal`` (a false alarm: it goes to the retrain inbox) or
+        ``defective`` (kept for review, never trained on). Needs ``Authorization: Bearer <VQFLOW_FEEDBACK_TOKEN>``
+        when that is set. Answers what was stored: {label, category, location, sha256, duplicate, sidecar}."""
+        if not token_matches(self.feedback_token, ctx.request.headers.get("authorization") if ctx else None):
+            raise Unauthorized("feedback: missing or wrong token (send 'Authorization: Bearer <token>')")
+        if self.feedback_store is None:
+            raise FeedbackNotConfigured(
+                "feedback: this service has no inbox (set VQFLOW_INBOX to a folder or s3:// prefix)"
+            )
+        category = self._category(category)
+        if category is None:
+            raise InvalidArgument("category: feedback needs the image's category")
+        (decoded,) = await self._decoded([image])
+        (result,) = await self.batcher.submit([(decoded, category)])
+        data = Path(image).read_bytes()
+        try:
+            stored = await asyncio.to_thread(
+                self.feedback_store.put,
+                data,
+                Image.open(io.BytesIO(data)).format,
+                category,
+                label,
+                **result.decision(self.tag),
+            )
+        except FeedbackError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        return stored.to_json()
 
     @bentoml.api
     async def render(self, image: ImageFile, category: str | None = None) -> Annotated[Path, ContentType("image/png")]:

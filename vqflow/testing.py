@@ -79,6 +79,27 @@ def tiny_params(root: Path) -> dict:
     }
 
 
+def repo_params() -> dict:
+    """tiny params for a git + DVC repository: relative paths and the project's data sources, over the project's
+    params.yaml (DVC refuses a stage whose declared params keys are missing from params.yaml)."""
+    import yaml
+
+    project = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+
+    def merged(base: dict, over: dict) -> dict:
+        return {
+            **base,
+            **{
+                k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                for k, v in over.items()
+            },
+        }
+
+    params = merged(project, tiny_params(Path(".")))
+    params["prepare"]["sources"] = project["prepare"]["sources"]
+    return params
+
+
 def slow_aupro(maps, masks, max_fpr=0.3):
     """Reference: loop over every distinct threshold, skimage labelling, region by region."""
     from skimage import measure
