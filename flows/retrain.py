@@ -186,17 +186,13 @@ def version_data(root: str, count: int) -> str:
 
 
 def git_kept_outputs(root: Path) -> list[str]:
-    """The outputs dvc.yaml keeps in git (``cache: false``: metrics, plot data, the champion record) that exist."""
-    import yaml
+    """The outputs dvc.yaml keeps in git (``cache: false``: metrics, plot data, the champion record) that exist,
+    with their ``${}`` paths resolved by DVC."""
+    from dvc.repo import Repo
 
-    kept = []
-    for spec in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values():
-        for item in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []):
-            if isinstance(item, dict):
-                path, options = next(iter(item.items()))
-                if options and options.get("cache") is False and (root / path).exists():
-                    kept.append(path)
-    return kept
+    with Repo(str(root)) as repo:
+        outs = [out for stage in repo.index.stages for out in stage.outs if not out.use_cache]
+        return sorted(str(Path(out.fs_path).relative_to(root)) for out in outs if Path(out.fs_path).exists())
 
 
 def _remote(root: Path, branch: str) -> str | None:
@@ -337,7 +333,9 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
     pushed = publish(str(root), branch) if push else []
     for path in accepted:
         inbox_store.remove(root, inbox, Path(path))
-    rejects = false_rejects(root, params, metrics_before, metrics, [content_copy(root, Path(p)) for p in feedback])
+    rejects = false_rejects(
+        root, params, metrics_before, metrics, [Path(copy) for path, copy in zip(accepted, copies) if path in feedback]
+    )
     create_markdown_artifact(
         key="vqflow-retrain",
         description="challenger vs champion",
