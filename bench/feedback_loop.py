@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="wood")
     parser.add_argument("--false-alarms", type=int, default=4, help="distinct false alarms sent (one is sent twice)")
-    parser.add_argument("--candidates", type=int, default=200, help="fresh normals scored to find false alarms")
+    parser.add_argument("--candidates", type=int, default=600, help="fresh normals scored to find false alarms")
     parser.add_argument("--held-out", type=int, default=200, help="further fresh normals, never sent")
     args = parser.parse_args()
 

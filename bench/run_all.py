@@ -48,6 +48,11 @@ STEPS = {
     "inference": ([sys.executable, "bench/inference.py"], "inference", "Inference speed (256 px, EfficientNet-Lite0)"),
     "aupro": ([sys.executable, "bench/aupro.py"], "aupro", "AUPRO: ours vs. the slow exact reference"),
     "service": ([sys.executable, "bench/service_load.py"], "service_load", "`bentoml serve` under load"),
+    "feedback": (
+        [sys.executable, "bench/feedback_loop.py"],
+        "feedback_loop",
+        "Operators' feedback: false alarms to /feedback, then the retrain flow",
+    ),
     "cifar": (
         [sys.executable, "bench/cifar.py", "--shared", str(SHARED)],
         "cifar10",
