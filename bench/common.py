@@ -7,6 +7,7 @@ import os
 import re
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,21 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "processor": platform.processor() or platform.machine(),
+    }
+
+
+def quiet_offline_env(work: Path) -> dict[str, str]:
+    """The environment of a benchmark's subprocesses: its own BentoML and Prefect homes under ``work``, no
+    network, no telemetry, no progress bars, this interpreter's tools first on PATH."""
+    return {
+        **os.environ,
+        "BENTOML_HOME": str(work / "bentoml"),
+        "PREFECT_HOME": str(work / "prefect"),
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
 
 

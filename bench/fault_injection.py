@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import write_results  # noqa: E402
+from bench.common import quiet_offline_env, write_results  # noqa: E402
 from flows.faults import KILL_POINTS, check_invariants, digest, new_normals, run_retrain, scratch_repo  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
 
@@ -37,16 +37,7 @@ def _champion_on_main(repo: Path) -> str:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     work = Path(tempfile.mkdtemp(prefix="vqflow-faults-"))
-    os.environ.update(
-        {
-            "BENTOML_HOME": str(work / "bentoml"),
-            "PREFECT_HOME": str(work / "prefect"),
-            "DVC_NO_ANALYTICS": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TQDM_DISABLE": "1",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        }
-    )
+    os.environ.update(quiet_offline_env(work))
     repo = scratch_repo(Path(tempfile.mkdtemp(dir=work)))
     first = subprocess.run(
         [sys.executable, "-c", f"from flows.pipeline import pipeline; pipeline({str(repo)!r})"],

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import write_results  # noqa: E402
+from bench.common import quiet_offline_env, write_results  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
 from vqflow.testing import bentoml_server  # noqa: E402
 
@@ -93,17 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="vqflow-feedback-"))
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(work / "bentoml"),
-        "PREFECT_HOME": str(work / "prefect"),
-        "DVC_NO_ANALYTICS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TQDM_DISABLE": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    env = {**quiet_offline_env(work), "PREFECT_LOGGING_LEVEL": "WARNING"}
     repo = scratch_clone(work)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     size = int(params["features"]["image_size"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from vqflow.feedback import SIDECAR, read_sidecar
+from vqflow.feedback import SIDECAR, filesystem, read_sidecar
 from vqflow.validation.inbox import inbox_samples
 
 STAGING = "data/staged-inbox"  # git-ignored: the local mirror of a remote inbox
@@ -16,12 +16,6 @@ STAGING = "data/staged-inbox"  # git-ignored: the local mirror of a remote inbox
 
 def is_remote(location: str) -> bool:
     return "://" in location
-
-
-def _fs(url: str):
-    from fsspec.core import url_to_fs
-
-    return url_to_fs(url)
 
 
 def local_inbox(root: Path, location: str) -> Path:
@@ -36,7 +30,7 @@ def fetch(root: Path, location: str) -> Path:
     if not is_remote(location):
         return folder
     shutil.rmtree(folder, ignore_errors=True)
-    fs, base = _fs(location.rstrip("/"))
+    fs, base = filesystem(location.rstrip("/"))
     for path in fs.find(base):
         relative = path[len(base) :].lstrip("/")
         if relative.count("/") != 1:  # only <category>/<file>, as in a local inbox
@@ -59,7 +53,7 @@ def remove(root: Path, location: str, image: Path) -> None:
     for path in (image, image.with_name(image.name + SIDECAR)):
         path.unlink(missing_ok=True)
     if is_remote(location):
-        fs, path = _fs(remote_path(root, location, image))
+        fs, path = filesystem(remote_path(root, location, image))
         for key in (path, path + SIDECAR):
             if fs.exists(key):
                 fs.rm(key)

@@ -11,6 +11,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from tests.conftest import ROOT
+from vqflow.testing import tiny_params
 
 
 def _vqflow(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
@@ -19,52 +20,10 @@ def _vqflow(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedPro
 
 
 def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
-    params = {
-        "generate": {
-            "root": "data/synthetic",
-            "categories": ["wood"],
-            "train_per_category": 4,
-            "test_good_per_category": 1,
-            "test_per_defect": 1,
-            "size": 64,
-            "seed": 0,
-        },
-        "prepare": {
-            "sources": [{"kind": "mvtec", "root": "data/synthetic"}],
-            "val_fraction": 0.25,
-            "seed": 0,
-            "manifest": "data/manifest.csv",
-        },
-        "features": {
-            "backbone": "tf_efficientnet_lite0",
-            "weights": "packaged",
-            "image_size": 64,
-            "cache": "data/features",
-            "shard_size": 4,
-        },
-        "model": {
-            "name": "vqflow",
-            "vqflow": {
-                "embed_dim": 8,
-                "pe_channels": 4,
-                "num_prototypes": 2,
-                "num_patterns": 8,
-                "flow_blocks": [1, 1, 1],
-            },
-        },
-        "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1, "init_images": 4},
-        "evaluate": {"batch_size": 4},
-        "thresholds": {"target_frr": 0.01, "pixel_fpr": 0.005},
-        "outputs": {
-            "model": "models/model",
-            "checkpoints": "data/checkpoints",
-            "train_log": "metrics/train_log.json",
-            "metrics": "metrics/metrics.json",
-            "scores": "metrics/scores.csv",
-            "plots": "plots",
-            "report": "reports/report.md",
-        },
-    }
+    params = tiny_params(Path("."))  # paths relative to the project folder, as in params.yaml
+    params["generate"].update(categories=["wood"], train_per_category=4, test_good_per_category=1)
+    params["features"]["shard_size"] = 4
+    params["train"].update(batch_size=2, init_images=4)
     for stage in ("generate", "prepare", "features", "train", "evaluate", "summary"):
         result = _vqflow(tmp_path, params, stage)
         assert result.returncode == 0, result.stderr

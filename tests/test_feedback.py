@@ -153,3 +153,21 @@ def test_feedback_cli_stores_scored_images_and_stops_before_writing_on_a_bad_fil
     assert len(images) == 1 and images[0].read_bytes() == Path(normals[0]).read_bytes()
     sidecar = json.loads(Path(str(images[0]) + ".json").read_text())
     assert sidecar["model_tag"].startswith("vqflow-anomaly:") and isinstance(sidecar["score"], float)
+
+
+def test_a_store_follows_the_endpoint_of_the_environment_it_is_used_in(s3, tmp_path):
+    """A service or flow whose S3 endpoint changes (a test server per test, rotated credentials) must not write
+    through a filesystem fsspec cached for the previous endpoint."""
+    FeedbackStore("s3://line/first").put(_png(30), "PNG", "wood", "normal")
+    with moto_s3() as second:
+        saved = os.environ["AWS_ENDPOINT_URL"]
+        os.environ["AWS_ENDPOINT_URL"] = second
+        try:
+            boto3.client("s3").create_bucket(Bucket="line")
+            stored = FeedbackStore("s3://line/second").put(_png(31), "PNG", "wood", "normal")
+            on_second = _objects("second/")
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = saved
+    key = stored.location.removeprefix("s3://line/")
+    assert on_second == [key, key + ".json"]
+    assert _objects("second/") == []  # nothing went to the first server

@@ -52,6 +52,14 @@ def review_beside(inbox: str) -> str:
     )
 
 
+def filesystem(url: str):
+    """``(fs, path)`` for a folder or an fsspec URL. Never a cached instance: fsspec would otherwise hand back a
+    filesystem built for an earlier endpoint or credentials (the environment is read when the instance is made)."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url, skip_instance_cache=True)
+
+
 class FeedbackStore:
     """The inbox (confirmed normals) and the review folder (defectives): local folders or ``s3://`` prefixes."""
 
@@ -61,12 +69,6 @@ class FeedbackStore:
                 "feedback is not configured: set the inbox (VQFLOW_INBOX, a folder or s3://bucket/prefix)"
             )
         self.inbox, self.review = inbox.rstrip("/"), (review or review_beside(inbox)).rstrip("/")
-
-    @staticmethod
-    def _fs(url: str):
-        from fsspec.core import url_to_fs
-
-        return url_to_fs(url)
 
     def put(self, data: bytes, image_format: str | None, category: str, label: str, **record: Any) -> Stored:
         """Store ``data`` (an image already decoded and checked by the caller) under its content's name."""
@@ -89,9 +91,9 @@ class FeedbackStore:
             "source": "feedback",
             **record,
         }
-        fs, path = self._fs(location)
+        fs, path = filesystem(location)
         if fs.exists(path):
-            previous = self._fs(location + SIDECAR)
+            previous = filesystem(location + SIDECAR)
             known = json.loads(previous[0].cat_file(previous[1])) if previous[0].exists(previous[1]) else sidecar
             return Stored(label, category, location, digest, True, known)
         self._write(location + SIDECAR, (json.dumps(sidecar, indent=2) + "\n").encode())
@@ -101,7 +103,7 @@ class FeedbackStore:
     def _write(self, location: str, data: bytes) -> None:
         from fsspec.implementations.local import LocalFileSystem
 
-        fs, path = self._fs(location)
+        fs, path = filesystem(location)
         if isinstance(fs, LocalFileSystem):
             with atomic_path(path) as tmp:
                 tmp.write_bytes(data)
@@ -111,7 +113,5 @@ class FeedbackStore:
 
 def read_sidecar(image_path: str) -> dict[str, Any] | None:
     """The feedback record of an inbox image, or None (an image copied in by hand)."""
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(image_path + SIDECAR)
+    fs, path = filesystem(image_path + SIDECAR)
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
