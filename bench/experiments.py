@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, registered_models, replace_readme_block, write_results  # noqa: E402
+from bench.common import RESULTS, machine, registered_models, replace_readme_block, write_results  # noqa: E402
+from flows.retrain import git_kept_outputs  # noqa: E402
 from vqflow.config import load_params  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
 from vqflow.timing import timing_path  # noqa: E402
@@ -99,7 +100,8 @@ def dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
 
 def run(suite: str, models: list[str], shared: str) -> None:
     """Each model as a workspace experiment; afterwards the workspace is back at the committed pipeline state."""
-    tracked = ["params.yaml", "dvc.lock"]
+    # what an experiment rewrites in the work tree: params, the lock and the outputs git keeps (metrics, plot data)
+    tracked = ["params.yaml", "dvc.lock", *git_kept_outputs(ROOT)]
     dirty = subprocess.run(["git", "status", "--porcelain", *tracked], cwd=ROOT, capture_output=True, text=True).stdout
     if dirty.strip():
         raise SystemExit(f"uncommitted changes in {tracked}: commit or stash them first (experiments start from HEAD)")
@@ -117,6 +119,7 @@ def run(suite: str, models: list[str], shared: str) -> None:
             shutil.copy(ROOT / timing_path(load_params(ROOT / "params.yaml")), TIMING / f"{name}.json")
     finally:
         subprocess.run(["git", "checkout", "--", *tracked], cwd=ROOT, check=True)
+        subprocess.run(["git", "clean", "-fdq", "--", *tracked], cwd=ROOT, check=True)  # e.g. another suite's curves
         # outputs of the committed lock may be missing from the cache (a lock older than the code): say so, go on
         if subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT).returncode:
             print(
@@ -126,7 +129,7 @@ def run(suite: str, models: list[str], shared: str) -> None:
 
 
 def experiments() -> dict[str, dict]:
-    """name -> {"params", "metrics", "rev"} of every experiment `dvc exp show` knows."""
+    """name -> {"params", "metrics", "rev", "baseline"} of every experiment `dvc exp show` knows."""
     # every baseline commit (newest first): experiments stay readable after later commits
     shown = json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True).stdout)
     found = {}
@@ -138,16 +141,42 @@ def experiments() -> dict[str, dict]:
                     continue
                 params = data["params"]["params.yaml"]["data"]
                 metrics = data.get("metrics", {}).get("metrics/metrics.json", {}).get("data", {})
-                found.setdefault(rev["name"], {"params": params, "metrics": metrics, "rev": rev["rev"][:7]})
+                found.setdefault(
+                    rev["name"],
+                    {"params": params, "metrics": metrics, "rev": rev["rev"][:7], "baseline": baseline["rev"][:7]},
+                )
     return found
 
 
-def table(suite: str, readme: Path) -> str:
-    found = experiments()
-    rows, records = [], []
+def earlier_records(suite: str) -> dict[str, dict]:
+    """model -> its row in the last written table, with the commit it was measured at."""
+    path = RESULTS / f"experiments_{suite}.json"
+    if not path.is_file():
+        return {}
+    written = read_json(path)
+    return {r["model"]: {"baseline": written["machine"]["commit"], **r} for r in written["experiments"]}
+
+
+def row(record: dict) -> str:
+    time = f"{record['train_seconds']:.0f}" if record["train_seconds"] is not None else "n/a"
+    budget = f"{record['epochs']} ep" if record["epochs"] else "fit only"
+    return (
+        f"| {record['model']} | "
+        + " | ".join(f"{100 * record[k]:.1f}" for k, _ in METRICS)
+        + f" | {record['fps']:.1f} | {time} ({budget}) | {record['baseline']} |"
+    )
+
+
+def table(suite: str, readme: Path, models: list[str]) -> str:
+    """The table of every model: ``models`` from their experiments; any other model keeps its row of the last
+    table (a model whose code and params did not change need not be re-run), marked by the commit it ran at."""
+    found, earlier = experiments(), earlier_records(suite)
+    records = []
     for model in MODELS:
         exp = found.get(f"{suite}-{model}")
-        if exp is None or not exp["metrics"]:
+        if model not in models or exp is None or not exp["metrics"]:
+            if model in earlier and model not in models:
+                records.append(earlier[model])
             continue
         m = exp["metrics"]
         train_params = {**exp["params"]["train"], **exp["params"]["train"].get("per_model", {}).get(model, {})}
@@ -156,6 +185,7 @@ def table(suite: str, readme: Path) -> str:
         record = {
             "experiment": f"{suite}-{model}",
             "rev": exp["rev"],
+            "baseline": exp["baseline"],
             "model": model,
             **m["mean"],
             "fps": timed["evaluate"]["fps"],
@@ -164,22 +194,15 @@ def table(suite: str, readme: Path) -> str:
             "per_category": {c: v["image_auroc"] for c, v in m["per_category"].items()},
         }
         records.append(record)
-        time = f"{record['train_seconds']:.0f}" if record["train_seconds"] is not None else "n/a"
-        budget = f"{record['epochs']} ep" if record["epochs"] else "fit only"
-        rows.append(
-            f"| {model} | "
-            + " | ".join(f"{100 * m['mean'][k]:.1f}" for k, _ in METRICS)
-            + f" | {record['fps']:.1f} | {time} ({budget}) |"
-        )
-    if not rows:
+    if not records:
         raise SystemExit(
             f"no finished experiments named {suite}-<model>: run `python bench/experiments.py run --suite {suite}`"
         )
     header = (
-        "| model | " + " | ".join(label for _, label in METRICS) + " | FPS | train s |\n"
-        "|---|" + "---:|" * (len(METRICS) + 2)
+        "| model | " + " | ".join(label for _, label in METRICS) + " | FPS | train s | commit |\n"
+        "|---|" + "---:|" * (len(METRICS) + 2) + "---|"
     )
-    body = header + "\n" + "\n".join(rows)
+    body = header + "\n" + "\n".join(row(r) for r in records)
     categories = sorted({c for r in records for c in r["per_category"]})
     body += (
         "\n\nImage AUROC per category:\n\n| model | "
@@ -217,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.action == "run":
         run(args.suite, args.models, args.shared)
-    print(table(args.suite, args.readme))
+    print(table(args.suite, args.readme, args.models))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ STEPS = {
         "VQ-Flow's parts (paper Table 4) on the default dataset",
     ),
     "score-rules-default": (
-        [sys.executable, "bench/score_rules.py", "--suite", "default"],
+        [sys.executable, "bench/score_rules.py", "--suite", "default", "--experiment", "default-vqflow"],
         "score_rules_default",
         "Image score rules on one trained VQ-Flow (default dataset)",
     ),

@@ -1,17 +1,23 @@
 """How a trained VQ-Flow turns per-pixel likelihoods into an image score: every candidate rule on the same model.
 
-    python bench/score_rules.py --suite default     # after `python bench/ablation.py --suite default`
-    python bench/score_rules.py --suite real --experiment real-vqflow   # the model of a DVC experiment
+    python bench/experiments.py run --suite default --models vqflow      # the model to score, then:
+    python bench/score_rules.py --suite default --experiment default-vqflow
+    python bench/score_rules.py --suite real --experiment real-vqflow
 
-Loads the full VQ-Flow of the ablation run (bench/.work/ablation/<suite>/), computes its per-scale log p maps
-once for the training and the test images, and scores the test images with each rule. The rule the model uses
-(`model.vqflow.normalization` / `top_k`) was chosen by argument and on these development sets; this table is
-the record of that choice, not a search on the reported run. Writes bench/results/score_rules_<suite>.
+Computes the model's per-scale log p maps once for the training images, the validation images and the test
+images, and scores them with each rule. Two columns per rule:
+- **validation**: the held-out normal images of each category (never trained on) against copies of the same
+  images with one small synthetic defect each (a rectangle cut from another normal image, a soft darker or
+  brighter spot, a thin scratch; 0.2-2 % of the image, the size of real surface defects). This is where a rule
+  is chosen: it uses no test image, and the defects are not the test split's kinds.
+- **test**: the suite's test split, reported after the choice.
+Writes bench/results/score_rules_<suite> and the README block.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,134 +25,218 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from PIL import Image, ImageDraw
+from scipy.ndimage import gaussian_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.ablation import variant_params  # noqa: E402
 from bench.common import replace_readme_block, write_results  # noqa: E402
-from bench.experiments import suite_params  # noqa: E402
-from vqflow.bundle import CONFIG  # noqa: E402
 
-FULL_MODEL = "+CPC+CADM+CSPC = vqflow"
+DEFECTS = ("patch", "spot", "scratch")
+OUR_RULE = "top 3 % of c_train - sum_l log p_l (MSFlow's top-k, training reference, log domain)"
+POSITION_RULE = "top 3 % of sum_l z_l, z_l = -log p_l standardised per position on the training images"
 
 
-def log_p_maps(model, cache, ids: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-scale log p maps (3 tensors (N, h, w)) and the total log-likelihood (N,) of the images ``ids``."""
+def synthetic_defect(image: np.ndarray, donor: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``image`` (float CHW in [0, 1]) with one small defect: ``patch`` pastes a rectangle of ``donor``
+    (another normal image of the category: CutPaste), ``spot`` a soft-edged ellipse and ``scratch`` a thin line,
+    both darker or brighter by 0.25-0.5. Placed in the central 70 % of the image."""
+    size = image.shape[-1]
+    out = image.copy()
+    low, high = int(0.15 * size), int(0.85 * size)
+    if kind == "patch":
+        area = rng.uniform(0.005, 0.02) * size * size
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(3.3)))
+        h = int(np.clip(math.sqrt(area * aspect), 2, size // 4))
+        w = int(np.clip(area / h, 2, size // 4))
+        sy, sx = rng.integers(0, size - h), rng.integers(0, size - w)
+        ty, tx = rng.integers(low, high - h), rng.integers(low, high - w)
+        out[:, ty : ty + h, tx : tx + w] = donor[:, sy : sy + h, sx : sx + w]
+        return out
+    mask = Image.new("L", (size, size))
+    draw = ImageDraw.Draw(mask)
+    cy, cx = rng.uniform(low, high, 2)
+    if kind == "spot":
+        radius = math.sqrt(rng.uniform(0.002, 0.01) * size * size / math.pi)
+        stretch = math.sqrt(rng.uniform(0.5, 2.0))
+        draw.ellipse(
+            [cx - radius / stretch, cy - radius * stretch, cx + radius / stretch, cy + radius * stretch], fill=255
+        )
+    elif kind == "scratch":
+        half, angle = rng.uniform(0.05, 0.15) * size, rng.uniform(0, math.pi)
+        dx, dy = half * math.cos(angle), half * math.sin(angle)
+        draw.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=255, width=int(rng.integers(2, 4)))
+    else:
+        raise ValueError(f"unknown synthetic defect {kind!r}: one of {DEFECTS}")
+    alpha = gaussian_filter(np.asarray(mask, dtype=np.float32) / 255.0, 1.0)
+    shift = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.5))
+    return np.clip(out + shift * alpha[None], 0.0, 1.0)
+
+
+def validation_images(manifest, size: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """(images, categories, labels): each category's validation normals, then one copy of each with every kind
+    of synthetic defect (the donor of a patch is the category's next validation image)."""
+    from vqflow.features import load_batch
+
+    rng = np.random.default_rng(seed)
+    images, categories, labels = [], [], []
+    for category, rows in manifest[manifest.split == "val"].groupby("category", sort=True):
+        normals = list(load_batch(rows.path.tolist(), size).numpy())
+        defective = [
+            synthetic_defect(img, normals[(i + 1) % len(normals)], kind, rng)
+            for i, img in enumerate(normals)
+            for kind in DEFECTS
+        ]
+        images += normals + defective
+        categories += [category] * (len(normals) + len(defective))
+        labels += [0] * len(normals) + [1] * len(defective)
+    return images, np.array(categories), np.array(labels)
+
+
+def log_p_maps(model, feature_batches) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-scale log p maps (3 tensors (N, h, w)) and the total log-likelihood (N,) of the feature batches."""
     maps, totals = [], []
     with torch.inference_mode():
-        for start in range(0, len(ids), 16):
-            zs, logdet, proto_q, _ = model.encode(cache.get(ids[start : start + 16]))
+        for features in feature_batches:
+            zs, logdet, proto_q, _ = model.encode(features)
             maps.append(model.log_p_maps(zs, proto_q))
             totals.append(model.log_likelihood(zs, logdet, proto_q))
     return [torch.cat([m[level] for m in maps]) for level in range(3)], torch.cat(totals)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="default", choices=["default", "real"])
-    parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
-    parser.add_argument(
-        "--experiment",
-        help="use this DVC experiment's trained model instead of the ablation's "
-        "(`dvc exp apply` into the workspace, restored to HEAD afterwards)",
-    )
-    args = parser.parse_args()
-    if args.experiment:
-        # `dvc exp apply` rewrites tracked files with the experiment's versions: only on a clean work tree, which
-        # is restored to HEAD afterwards; the results are written after that
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        if dirty:
-            raise SystemExit(f"--experiment needs a clean work tree (commit or stash first):\n{dirty}")
-        subprocess.run(["dvc", "exp", "apply", args.experiment], cwd=ROOT, check=True)
-        try:
-            params = yaml.safe_load((ROOT / "params.yaml").read_text())
-            table = score_table(args.suite, params, Path(params["outputs"]["model"]), f"experiment {args.experiment}")
-        finally:
-            subprocess.run(["git", "checkout", "HEAD", "--", "."], cwd=ROOT, check=True)
-            subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT, check=False)
-        write_table(args.suite, *table)
-        return
-    work = ROOT / "bench/.work/ablation" / args.suite
-    base = suite_params(yaml.safe_load((ROOT / "params.yaml").read_text()), args.suite, args.shared)
-    base["prepare"]["manifest"] = str(work / "manifest.csv")
-    base["features"]["cache"] = str(work / "features")
-    model_dir = Path(variant_params(base, work, FULL_MODEL)["outputs"]["model"])
-    if not (model_dir / CONFIG).is_file():
-        raise SystemExit(f"{model_dir}: no trained model; run `python bench/ablation.py --suite {args.suite}` first")
-    write_table(args.suite, *score_table(args.suite, base, model_dir, "the ablation's full VQ-Flow"))
+def cached(cache, ids: list[str]):
+    for start in range(0, len(ids), 16):
+        yield cache.get(ids[start : start + 16])
 
 
-def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple[dict, str, str]:
-    """(results per rule, markdown table, source) of the model in ``model_dir`` on the suite's test split."""
-    from vqflow import stages
-    from vqflow.metrics import auroc
-    from vqflow.bundle import load_model
+def extracted(backbone, images: list[np.ndarray]):
+    with torch.inference_mode():
+        for start in range(0, len(images), 16):
+            yield [f.float() for f in backbone(torch.from_numpy(np.stack(images[start : start + 16])))]
+
+
+def rule_scores(maps, log_likelihood, train_maps, size: int) -> dict[str, torch.Tensor]:
+    """Every candidate image score of the images whose maps are ``maps``; references from ``train_maps``."""
     from vqflow.models.anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
 
-    manifest, cache = stages._manifest_and_cache(params)
-    model, _ = load_model(model_dir)
-    size = model.config.image_size
-    train_maps, _ = log_p_maps(model, cache, manifest[manifest.split == "train"].image_id.tolist())
-
-    def z_sum(log_p: list[torch.Tensor], per_position: bool) -> torch.Tensor:
-        """sum_l upsample((-log p_l - mean_l) / std_l), statistics of the training images per position or per scale."""
+    def z_sum(per_position: bool) -> torch.Tensor:
+        """sum_l upsample((-log p_l - mean_l) / std_l), training statistics per position or per scale."""
         total = 0
-        for m, train in zip(log_p, train_maps):
+        for m, train in zip(maps, train_maps):
             nll = -train.double()
             mean, std = (nll.mean(0), nll.std(0, correction=0)) if per_position else (nll.mean(), nll.std(correction=0))
-            std = floored_std(std)
-            total = total + upsample(((-m.double() - mean) / std).float(), size)
+            total = total + upsample(((-m.double() - mean) / floored_std(std)).float(), size)
         return total
 
     scale_max = [m.amax() for m in train_maps]
     total_max = sum(upsample(m, size) for m in train_maps).amax()
-    test = manifest[manifest.split == "test"].reset_index(drop=True)
-    maps, log_likelihood = log_p_maps(model, cache, test.image_id.tolist())
     train_relative, image_relative = log_map(maps, size, total_max), log_map(maps, size)
-    position, per_scale = z_sum(maps, True), z_sum(maps, False)
-    rules = {
-        "top 3 % of c_train - sum_l log p_l (our rule: MSFlow's top-k, training reference, log domain)": top_k_score(
-            train_relative, 0.03
-        ),
+    position, per_scale = z_sum(True), z_sum(False)
+    added = add_map(maps, size, scale_max)
+    return {
+        OUR_RULE: top_k_score(train_relative, 0.03),
         "top 1 % of c_train - sum_l log p_l": top_k_score(train_relative, 0.01),
         "top 0.1 % of c_train - sum_l log p_l (about one stride-8 cell)": top_k_score(train_relative, 0.001),
         "max of c_train - sum_l log p_l": train_relative.flatten(1).amax(1),
         "top 3 % relative to the image's own max (MSFlow's normalisation, log domain)": top_k_score(
             image_relative, 0.03
         ),
-        "top 3 % of the add map (training references)": top_k_score(add_map(maps, size, scale_max), 0.03),
-        "max of the add map (training references)": add_map(maps, size, scale_max).flatten(1).amax(1),
+        "top 3 % of the add map (training references)": top_k_score(added, 0.03),
+        "max of the add map (training references)": added.flatten(1).amax(1),
         "- total log-likelihood (log p(x) with log-det)": -log_likelihood,
-        "top 3 % of sum_l z_l, z_l = -log p_l standardised per position on the training images "
-        "(`normalization: position`)": top_k_score(position, 0.03),
+        POSITION_RULE: top_k_score(position, 0.03),
         "top 1 % of sum_l z_l (per position)": top_k_score(position, 0.01),
         "max of sum_l z_l (per position)": position.flatten(1).amax(1),
         "top 3 % of sum_l z_l, standardised per scale (one mean and std per scale)": top_k_score(per_scale, 0.03),
     }
-    categories, labels = test.category.to_numpy(), test.label.to_numpy()
-    names = sorted(set(categories.tolist()))
+
+
+def per_category_auroc(scores: torch.Tensor, categories: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from vqflow.metrics import auroc
+
+    return {c: auroc(labels[categories == c], scores.numpy()[categories == c]) for c in sorted(set(categories))}
+
+
+def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple[dict, str, str]:
+    """(results per rule, markdown table, source) of the model in ``model_dir``: validation with synthetic
+    defects, and the test split."""
+    from vqflow import stages
+    from vqflow.bundle import ModelBundle
+
+    manifest, cache = stages._manifest_and_cache(params)
+    bundle = ModelBundle(model_dir)
+    model, backbone = bundle.load_model("cpu").eval(), bundle.load_backbone("cpu").eval()
+    size = model.config.image_size
+    train_maps, _ = log_p_maps(model, cached(cache, manifest[manifest.split == "train"].image_id.tolist()))
+    val_images, val_categories, val_labels = validation_images(manifest, size)
+    val = rule_scores(*log_p_maps(model, extracted(backbone, val_images)), train_maps, size)
+    test = manifest[manifest.split == "test"].reset_index(drop=True)
+    scored = rule_scores(*log_p_maps(model, cached(cache, test.image_id.tolist())), train_maps, size)
+    names = sorted(set(test.category))
     results = {}
-    for rule, scores in rules.items():
-        per = {c: auroc(labels[categories == c], scores.numpy()[categories == c]) for c in names}
-        results[rule] = {"per_category": per, "mean": float(np.mean(list(per.values())))}
-    lines = ["| image score rule | " + " | ".join(names) + " | mean |", "|---|" + "---:|" * (len(names) + 1)]
-    lines += [
-        f"| {rule} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in names) + f" | {100 * r['mean']:.1f} |"
-        for rule, r in results.items()
+    for rule in scored:
+        on_val = per_category_auroc(val[rule], val_categories, val_labels)
+        on_test = per_category_auroc(scored[rule], test.category.to_numpy(), test.label.to_numpy())
+        results[rule] = {
+            "validation": {"per_category": on_val, "mean": float(np.mean(list(on_val.values())))},
+            "test": {"per_category": on_test, "mean": float(np.mean(list(on_test.values())))},
+        }
+    lines = [
+        "| image score rule | validation + synthetic defects | "
+        + " | ".join(f"test: {n}" for n in names)
+        + " | test mean |",
+        "|---|" + "---:|" * (len(names) + 2),
     ]
+    for rule, r in results.items():
+        mark = " (**chosen**)" if rule == chosen_rule(params) else ""
+        cells = [f"{100 * r['validation']['mean']:.1f}"] + [f"{100 * r['test']['per_category'][n]:.1f}" for n in names]
+        lines.append(f"| {rule}{mark} | " + " | ".join(cells) + f" | {100 * r['test']['mean']:.1f} |")
+    counts = {c: int((val_categories == c).sum()) for c in sorted(set(val_categories))}
     note = (
-        f"\n\nImage AUROC of {source} ({suite} suite) under each rule, same model and maps. "
-        "z_l statistics, c_train = fitted on the training images after training; log p_l = per-scale map, upsampled."
+        f"\n\nImage AUROC of {source} ({suite} suite) under each rule, same model and maps. Validation: each "
+        f"category's held-out normals and one copy of each per synthetic defect kind ({', '.join(DEFECTS)}); mean "
+        f"over categories ({', '.join(f'{c} {n}' for c, n in counts.items())} images). z_l statistics and c_train "
+        "are fitted on the training images; log p_l = per-scale map, upsampled."
     )
     return results, "\n".join(lines) + note, source
+
+
+def chosen_rule(params: dict) -> str:
+    """The rule the model's params select (top-k 3 %)."""
+    return POSITION_RULE if params["model"]["vqflow"].get("normalization") == "position" else OUR_RULE
 
 
 def write_table(suite: str, results: dict, table: str, source: str) -> None:
     md = write_results(f"score_rules_{suite}", {"suite": suite, "model": source, "rules": results}, table)
     replace_readme_block(ROOT / "README.md", f"score_rules:{suite}", md.read_text())
     print(md.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="default", choices=["default", "real"])
+    parser.add_argument(
+        "--experiment",
+        required=True,
+        help="the DVC experiment whose trained model is scored (`dvc exp apply` into the workspace, restored to "
+        "HEAD afterwards), e.g. default-vqflow from bench/experiments.py",
+    )
+    args = parser.parse_args()
+    # `dvc exp apply` rewrites tracked files with the experiment's versions: only on a clean work tree, which is
+    # restored to HEAD afterwards; the results are written after that
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    if dirty:
+        raise SystemExit(f"--experiment needs a clean work tree (commit or stash first):\n{dirty}")
+    subprocess.run(["dvc", "exp", "apply", args.experiment], cwd=ROOT, check=True)
+    try:
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        table = score_table(args.suite, params, Path(params["outputs"]["model"]), f"experiment {args.experiment}")
+    finally:
+        subprocess.run(["git", "checkout", "HEAD", "--", "."], cwd=ROOT, check=True)
+        subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT, check=False)
+    write_table(args.suite, *table)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pandas as pd
 import pytest
 import requests
 import yaml
 
 from tests.conftest import ROOT
-from vqflow.testing import bentoml_server, moto_s3, s3_env
+from vqflow.testing import bentoml_server, moto_s3, s3_client, s3_env
 
 BIN = Path(sys.executable).parent
 PIPELINE_TOOLS = ("dvc", "prefect", "great-expectations", "great_expectations", "moto", "pytest")
@@ -54,13 +53,7 @@ def _run(command, cwd, env) -> str:
 @pytest.fixture(scope="module")
 def s3():
     with moto_s3() as endpoint:
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        ).create_bucket(Bucket="vqflow-models")
+        s3_client(endpoint).create_bucket(Bucket="vqflow-models")
         yield endpoint
 
 

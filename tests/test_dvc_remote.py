@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 
 from tests.conftest import ROOT
-from vqflow.testing import moto_s3, s3_env
+from vqflow.testing import moto_s3, s3_client, s3_env
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -33,13 +32,7 @@ def test_push_delete_pull_round_trip(tmp_path, tiny_dataset):
     repo.mkdir()
     with moto_s3() as endpoint:
         env = s3_env(endpoint)
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        ).create_bucket(Bucket="vqflow-dvc")
+        s3_client(endpoint).create_bucket(Bucket="vqflow-dvc")
         _run(["git", "init", "-q"], repo, env)
         _run([DVC, "init", "-q"], repo, env)
         shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's remote definition
@@ -48,13 +41,7 @@ def test_push_delete_pull_round_trip(tmp_path, tiny_dataset):
         before = _digests(repo / "data" / "synthetic")
         out = _run([DVC, "push"], repo, env)
         assert "pushed" in out
-        bucket_keys = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        ).list_objects_v2(Bucket="vqflow-dvc")
+        bucket_keys = s3_client(endpoint).list_objects_v2(Bucket="vqflow-dvc")
         assert bucket_keys["KeyCount"] >= len(before)
         shutil.rmtree(repo / ".dvc" / "cache")
         shutil.rmtree(repo / "data" / "synthetic")

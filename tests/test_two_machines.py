@@ -9,13 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import yaml
 from PIL import Image
 
 from tests.conftest import ROOT
-from vqflow.testing import repo_params
-from vqflow.testing import free_port, moto_s3, s3_env, wait_http
+from vqflow.testing import free_port, moto_s3, repo_params, s3_client, s3_env, wait_http
 
 BIN = Path(sys.executable).parent
 
@@ -56,13 +54,7 @@ def test_a_worker_clones_retrains_and_pushes_and_a_second_clone_sees_it(tmp_path
     pool_dir.mkdir()
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
     with moto_s3() as endpoint:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        s3 = s3_client(endpoint)
         for bucket in ("vqflow-dvc", "vqflow-models"):
             s3.create_bucket(Bucket=bucket)
         port = free_port()

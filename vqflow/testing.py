@@ -176,6 +176,19 @@ def s3_env(endpoint: str) -> dict[str, str]:
     }
 
 
+def s3_client(endpoint: str):
+    """A boto3 S3 client of the test server at ``endpoint`` (moto accepts any credentials)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
 @contextlib.contextmanager
 def bentoml_server(
     env: dict[str, str] | None = None,
