@@ -30,7 +30,8 @@ from scipy.ndimage import gaussian_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import replace_readme_block, write_results  # noqa: E402
+from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
+from flows.retrain import git_kept_outputs  # noqa: E402
 
 DEFECTS = ("patch", "spot", "scratch")
 OUR_RULE = "top 3 % of c_train - sum_l log p_l (MSFlow's top-k, training reference, log domain)"
@@ -222,20 +223,28 @@ def main() -> None:
         "HEAD afterwards), e.g. default-vqflow from bench/experiments.py",
     )
     args = parser.parse_args()
-    # `dvc exp apply` rewrites tracked files with the experiment's versions: only on a clean work tree, which is
-    # restored to HEAD afterwards; the results are written after that
-    dirty = subprocess.run(
+    # `dvc exp apply` rewrites tracked files with the experiment's versions (its commit holds the whole work tree
+    # of its run): only on a clean work tree, restored to HEAD afterwards. The files this script writes itself
+    # (README, its results) may differ from HEAD: they are kept aside and put back.
+    own = [ROOT / "README.md", *sorted(RESULTS.glob("score_rules_*"))]
+    own_names = {str(p.relative_to(ROOT)) for p in own}
+    status = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    ).stdout.splitlines()
+    dirty = [line for line in status if line[3:] not in own_names]
     if dirty:
-        raise SystemExit(f"--experiment needs a clean work tree (commit or stash first):\n{dirty}")
+        raise SystemExit("--experiment needs a clean work tree (commit or stash first):\n" + "\n".join(dirty))
+    kept = {path: path.read_bytes() for path in own}
     subprocess.run(["dvc", "exp", "apply", args.experiment], cwd=ROOT, check=True)
     try:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         table = score_table(args.suite, params, Path(params["outputs"]["model"]), f"experiment {args.experiment}")
     finally:
         subprocess.run(["git", "checkout", "HEAD", "--", "."], cwd=ROOT, check=True)
+        subprocess.run(["git", "clean", "-fdq", "--", *git_kept_outputs(ROOT)], cwd=ROOT, check=True)
         subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT, check=False)
+        for path, data in kept.items():
+            path.write_bytes(data)
     write_table(args.suite, *table)
 
 
