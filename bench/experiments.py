@@ -202,7 +202,13 @@ def table(suite: str, readme: Path, models: list[str]) -> str:
         "| model | " + " | ".join(label for _, label in METRICS) + " | FPS | train s | commit |\n"
         "|---|" + "---:|" * (len(METRICS) + 2) + "---|"
     )
-    body = header + "\n" + "\n".join(row(r) for r in records)
+    body = (
+        header
+        + "\n"
+        + "\n".join(row(r) for r in records)
+        + "\n\ncommit: where the row was measured (rows of an older commit were not re-run with this one; "
+        "see the date of its table); FPS and train s are wall-clock figures of that run and vary with the machine's load."
+    )
     categories = sorted({c for r in records for c in r["per_category"]})
     body += (
         "\n\nImage AUROC per category:\n\n| model | "
