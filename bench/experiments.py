@@ -118,14 +118,19 @@ def run(suite: str, models: list[str], shared: str) -> None:
             TIMING.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / timing_path(load_params(ROOT / "params.yaml")), TIMING / f"{name}.json")
     finally:
-        subprocess.run(["git", "checkout", "--", *tracked], cwd=ROOT, check=True)
-        subprocess.run(["git", "clean", "-fdq", "--", *tracked], cwd=ROOT, check=True)  # e.g. another suite's curves
-        # outputs of the committed lock may be missing from the cache (a lock older than the code): say so, go on
-        if subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT).returncode:
-            print(
-                "note: `dvc checkout` could not restore every output of the committed dvc.lock; run `dvc repro`",
-                flush=True,
-            )
+        restore_committed(tracked)
+
+
+def restore_committed(paths: list[str]) -> None:
+    """After experiments: ``paths`` back as in HEAD, files an experiment added to the git-kept outputs removed
+    (e.g. another suite's curves), and the DVC outputs of the committed lock checked out."""
+    subprocess.run(["git", "checkout", "HEAD", "--", *paths], cwd=ROOT, check=True)
+    subprocess.run(["git", "clean", "-fdq", "--", *git_kept_outputs(ROOT)], cwd=ROOT, check=True)
+    # outputs of the committed lock may be missing from the cache (a lock older than the code): say so, go on
+    if subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT).returncode:
+        print(
+            "note: `dvc checkout` could not restore every output of the committed dvc.lock; run `dvc repro`", flush=True
+        )
 
 
 def experiments() -> dict[str, dict]:
@@ -174,9 +179,11 @@ def table(suite: str, readme: Path, models: list[str]) -> str:
     records = []
     for model in MODELS:
         exp = found.get(f"{suite}-{model}")
-        if model not in models or exp is None or not exp["metrics"]:
-            if model in earlier and model not in models:
+        if model not in models:
+            if model in earlier:
                 records.append(earlier[model])
+            continue
+        if exp is None or not exp["metrics"]:
             continue
         m = exp["metrics"]
         train_params = {**exp["params"]["train"], **exp["params"]["train"].get("per_model", {}).get(model, {})}

@@ -31,7 +31,7 @@ from scipy.ndimage import gaussian_filter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
-from flows.retrain import git_kept_outputs  # noqa: E402
+from bench.experiments import restore_committed  # noqa: E402
 
 DEFECTS = ("patch", "spot", "scratch")
 OUR_RULE = "top 3 % of c_train - sum_l log p_l (MSFlow's top-k, training reference, log domain)"
@@ -240,9 +240,7 @@ def main() -> None:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         table = score_table(args.suite, params, Path(params["outputs"]["model"]), f"experiment {args.experiment}")
     finally:
-        subprocess.run(["git", "checkout", "HEAD", "--", "."], cwd=ROOT, check=True)
-        subprocess.run(["git", "clean", "-fdq", "--", *git_kept_outputs(ROOT)], cwd=ROOT, check=True)
-        subprocess.run(["dvc", "checkout", "--quiet"], cwd=ROOT, check=False)
+        restore_committed(["."])
         for path, data in kept.items():
             path.write_bytes(data)
     write_table(args.suite, *table)
