@@ -25,9 +25,10 @@ def _random_case(seed, n=6, size=32, levels=None):
 
 
 @pytest.mark.parametrize("seed,levels", [(0, None), (1, None), (2, 40), (3, 7)])
-def test_aupro_matches_the_slow_exact_reference(seed, levels):
+@pytest.mark.parametrize("max_fpr", [0.3, 0.02, 1.0])
+def test_aupro_matches_the_slow_exact_reference(seed, levels, max_fpr):
     maps, masks = _random_case(seed, levels=levels)
-    assert abs(aupro(maps, masks) - slow_aupro(maps, masks)) < 1e-9  # both exact
+    assert abs(aupro(maps, masks, max_fpr) - slow_aupro(maps, masks, max_fpr)) < 1e-9  # both exact
 
 
 def test_aupro_edge_cases():
@@ -50,6 +51,16 @@ def test_eight_connectivity_joins_diagonal_neighbours():
     masks[0, 6, 6] = True
     # regions: {(2,2),(3,3)} and {(6,6)}; at the top threshold PRO = (0.5 + 0) / 2 = 0.25
     assert aupro(maps, masks) == pytest.approx(slow_aupro(maps, masks))
+
+
+def test_regions_never_span_two_images():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[:, 4, 4] = True  # the same pixel in both images: two regions, not one
+    maps = np.zeros((2, 8, 8))
+    maps[0, 4, 4] = 1.0  # finds one of two regions: PRO 0.5 at FPR 0 (one region of two pixels would give 0.5 too)
+    maps[1, 0, 0] = 0.5  # ... so a normal pixel in between separates the two readings
+    masks[1, 4, 5] = True  # image 1's region has two pixels, image 0's one
+    assert aupro(maps, masks) == pytest.approx(slow_aupro(maps, masks), abs=1e-12)
 
 
 def test_auroc_and_ap_equal_sklearn():
