@@ -59,6 +59,7 @@ def trained_project(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("project")
     params = tiny_params(root)
+    params["train"]["onnx"] = True  # the served bundle carries model.onnx (serve.runtime: onnx)
     for stage in (stages.generate, stages.prepare, stages.validate, stages.features, stages.train, stages.evaluate):
         stage(params)
     return root, params

@@ -146,7 +146,8 @@ def test_predict_cli_prints_decisions_and_writes_overlays(trained_project, tmp_p
     )
     assert result.returncode == 0, result.stderr
     score = float(result.stdout.split("score=")[1].split()[0])
-    assert abs(score - offline.loc[row.image_id, "score"]) < 1e-5
+    expected = offline.loc[row.image_id, "score"]
+    assert abs(score - expected) <= 1e-6 * max(1.0, abs(expected))  # float32 noise: raw image vs cached features
     assert ("ANOMALOUS" in result.stdout) == (score > float(result.stdout.split("threshold=")[1].split()[0]))
     assert (tmp_path / "out" / f"{Path(row.path).parent.name}_{Path(row.path).stem}_overlay.png").is_file()
     failed = subprocess.run(

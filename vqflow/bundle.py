@@ -6,6 +6,7 @@ Layout (written by the train stage, read by evaluate, ``vqflow predict``, export
     model.safetensors       the anomaly model's weights
     thresholds.json         per-category image / pixel thresholds (calibrated on held-out normals)
     backbone.safetensors    the frozen feature extractor, batch norms folded (no weights package needed)
+    model.onnx              optional: backbone + model + maps + score as one ONNX graph (serve.runtime: onnx)
 
 No file is ever unpickled. A bundle written before ``backbone.safetensors`` existed still loads: its backbone
 is then rebuilt from the spec's weight source, which must be available on the machine. This module is the one
@@ -31,6 +32,7 @@ from .models import AnomalyModel
 from .models.registry import create_model, saved_config
 
 CONFIG, WEIGHTS, THRESHOLDS, BACKBONE = "config.json", "model.safetensors", "thresholds.json", "backbone.safetensors"
+ONNX = "model.onnx"
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,10 +47,15 @@ def save_model(
     extra: dict[str, Any] | None = None,
     files: dict[str, Any] | None = None,
     tensors: dict[str, dict] | None = None,
+    onnx_of: tuple[FeaturePyramid, int] | None = None,
 ) -> None:
-    """Write ``model.safetensors`` + ``config.json`` (+ JSON ``files``, + safetensors ``tensors``) into ``path``
-    atomically: the directory appears whole or not at all."""
+    """Write ``model.safetensors`` + ``config.json`` (+ JSON ``files``, + safetensors ``tensors``, + the ONNX graph
+    of ``onnx_of`` = (backbone, image size)) into ``path`` atomically: the directory appears whole or not at all."""
     with atomic_dir(path) as tmp:
+        if onnx_of is not None:
+            from .onnx_graph import export_onnx
+
+            export_onnx(onnx_of[0], model, tmp / ONNX, onnx_of[1])
         for filename, content in (files or {}).items():
             (tmp / filename).write_text(json.dumps(content, indent=2) + "\n")
         for filename, state in (tensors or {}).items():
@@ -94,6 +101,19 @@ class ModelBundle:
         return BackboneSpec(**self.meta["backbone"])
 
     @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX
+
+    def add_onnx(self) -> Path:
+        """Export this bundle's model and backbone to ``model.onnx`` (checked against torch), atomically."""
+        from .io import atomic_path
+        from .onnx_graph import export_onnx
+
+        with atomic_path(self.onnx_path) as tmp:
+            export_onnx(self.load_backbone(), self.load_model(), tmp, self.spec.image_size)
+        return self.onnx_path
+
+    @property
     def has_backbone(self) -> bool:
         return (self.path / BACKBONE).is_file()
 
@@ -127,9 +147,18 @@ class ModelBundle:
         thresholds: dict,
         backbone: FeaturePyramid,
         extra: dict[str, Any] | None = None,
+        onnx: bool = False,
     ) -> "ModelBundle":
-        """Write a complete bundle atomically: the directory appears whole or not at all."""
+        """Write a complete bundle atomically: the directory appears whole or not at all. ``onnx``: with the whole
+        inference graph as ``model.onnx``."""
         save_model(
-            model, name, config, path, extra, files={THRESHOLDS: thresholds}, tensors={BACKBONE: backbone.state_dict()}
+            model,
+            name,
+            config,
+            path,
+            extra,
+            files={THRESHOLDS: thresholds},
+            tensors={BACKBONE: backbone.state_dict()},
+            onnx_of=(backbone, config.image_size) if onnx else None,
         )
         return ModelBundle(path)

@@ -97,7 +97,7 @@ def predict_stage(params: dict, args: argparse.Namespace) -> None:
         raise ValueError("predict: name at least one image file")
     model_dir = args.model or params.get("outputs", {}).get("model", "models/model")
     settings = ServeSettings.load(params)
-    predictor = Predictor(model_dir, settings.device, settings.max_pixels)
+    predictor = Predictor(model_dir, settings.device, settings.max_pixels, settings.runtime, settings.torch_threads)
     predictor.check_category(args.category)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def feedback_stage(params: dict, args: argparse.Namespace) -> None:
         args.inbox or settings.inbox or os.environ.get("VQFLOW_INBOX") or "data/inbox", settings.review
     )
     model_dir = args.model or params.get("outputs", {}).get("model", "models/model")
-    predictor = Predictor(model_dir, settings.device, settings.max_pixels)
+    predictor = Predictor(model_dir, settings.device, settings.max_pixels, settings.runtime, settings.torch_threads)
     predictor.check_category(args.category)
     tag = model_tag(ModelBundle(model_dir))  # the content tag: the model store's name for this model
     for path in args.images:  # every file is checked before anything is stored
@@ -156,6 +156,16 @@ def feedback_stage(params: dict, args: argparse.Namespace) -> None:
         stored = store.put(data, Image.open(io.BytesIO(data)).format, args.category, args.label, **result.decision(tag))
         state = "already stored" if stored.duplicate else "stored"
         print(f"{path}: {args.label}, score={result.score:.6f} -> {state} as {stored.location}")
+
+
+@stage("export-onnx")
+def export_onnx_stage(params: dict, args: argparse.Namespace) -> None:
+    """Add model.onnx (backbone + model + maps + score, checked against torch) to a trained model bundle."""
+    from .bundle import ModelBundle
+
+    bundle = ModelBundle(args.model or params.get("outputs", {}).get("model", "models/model"))
+    path = bundle.add_onnx()
+    print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, ONNX Runtime agrees with torch (serve.runtime: onnx)")
 
 
 @stage("summary")
@@ -179,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--model", help="model directory (default: outputs.model of params)")
             command.add_argument("--category", help="category whose threshold applies (default: the global one)")
             command.add_argument("--out", default="predictions", help="folder for the overlay PNGs")
+        if name == "export-onnx":
+            command.add_argument("--model", help="model directory (default: outputs.model of params)")
         if name == "feedback":
             command.add_argument("images", nargs="*", help="image files the operator judged")
             command.add_argument("--category", required=True, help="the images' category")

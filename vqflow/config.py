@@ -38,16 +38,20 @@ def section(params: dict[str, Any], name: str, required: tuple[str, ...] = ()) -
     return values
 
 
+SERVE_CHOICES = {"runtime": ("torch", "onnx")}
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """The service's settings, read by the service and `vqflow predict` from here only: the ``serve`` section of
     params.yaml over these defaults, each field overridden by the environment variable ``VQFLOW_<FIELD>``."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    runtime: str = "torch"  # torch | onnx (the bundle's model.onnx in ONNX Runtime)
     max_batch_size: int = 16  # images scored together (requests share batches)
     max_latency_ms: float = 10.0  # how long a batch waits for more images once it has one
     batch_workers: int = 2  # batches scored at once
-    torch_threads: int = 0  # torch threads per process; 0 = CPU cores / workers
+    torch_threads: int = 0  # torch (or ONNX Runtime) threads per process; 0 = CPU cores / workers
     max_pixels: int = 40_000_000  # decompression-bomb limit per image (width x height)
     max_upload_bytes: int = 20_000_000
     max_batch_images: int = 64  # images per /predict_batch request
@@ -72,4 +76,6 @@ class ServeSettings:
                 values[name] = kind(raw)
             except (TypeError, ValueError) as exc:
                 raise ParamsError(f"{where}={raw!r}: expected {kind.__name__}") from exc
+            if name in SERVE_CHOICES and values[name] not in SERVE_CHOICES[name]:
+                raise ParamsError(f"{where}={raw!r}: expected one of {SERVE_CHOICES[name]}")
         return cls(**values)

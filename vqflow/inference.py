@@ -16,8 +16,12 @@ from scipy import ndimage
 from .backbones import resolve_device
 from .data.images import DEFAULT_MAX_PIXELS, decode_image, image_to_array, to_rgb
 from .bundle import ModelBundle
+from .config import SERVE_CHOICES
 from .scoring import score_images
 from .thresholds import calibrated_categories, threshold_for
+
+
+RUNTIMES = SERVE_CHOICES["runtime"]
 
 
 class UnknownCategoryError(ValueError):
@@ -84,12 +88,28 @@ def boxes_of(mask: np.ndarray, scale_x: float, scale_y: float) -> list[list[int]
 class Predictor:
     """A trained model with its backbone and calibrated thresholds, ready to score decoded images."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        runtime: str = "torch",
+        threads: int = 0,
+    ):
+        """``runtime``: torch (the bundle's weights) or onnx (its model.onnx in ONNX Runtime with ``threads``
+        intra-op threads, 0 = all cores)."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime {runtime!r}: expected one of {RUNTIMES}")
         bundle = ModelBundle(model_dir)
         self.device = resolve_device(device)
-        self.model, self.meta, self.thresholds = bundle.load_model(self.device), bundle.meta, bundle.thresholds
-        self.spec = bundle.spec
-        self.backbone = bundle.load_backbone(self.device)
+        self.meta, self.thresholds, self.spec = bundle.meta, bundle.thresholds, bundle.spec
+        self.runtime = runtime
+        if runtime == "onnx":
+            from .onnx_graph import OnnxScorer
+
+            self.onnx = OnnxScorer(bundle.onnx_path, threads, str(self.device))
+        else:
+            self.model, self.backbone = bundle.load_model(self.device), bundle.load_backbone(self.device)
         self.max_pixels = max_pixels
 
     @property
@@ -120,7 +140,11 @@ class Predictor:
         for category in set(categories):
             self.check_category(category)
         started = time.perf_counter()
-        scored = score_images(self.model, self.backbone, self.tensor(images), self.device)
+        batch = self.tensor(images)
+        if self.runtime == "onnx":
+            scored = self.onnx.score(batch)
+        else:
+            scored = score_images(self.model, self.backbone, batch, self.device)
         latency = (time.perf_counter() - started) * 1000 / max(1, len(images))
         concepts = scored.extras.get("concept")
         size = scored.maps.shape[-1]

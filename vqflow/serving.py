@@ -148,8 +148,9 @@ class AnomalyService:
         self.ready = False
         self.tag = str(self.model.tag)
         workers = SETTINGS.batch_workers
-        torch.set_num_threads(SETTINGS.torch_threads or max(1, (os.cpu_count() or 1) // workers))
-        self.predictor = Predictor(self.model.path, SETTINGS.device, SETTINGS.max_pixels)
+        threads = SETTINGS.torch_threads or max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        self.predictor = Predictor(self.model.path, SETTINGS.device, SETTINGS.max_pixels, SETTINGS.runtime, threads)
         self.predictor.warmup()
         self.feedback_store = FeedbackStore(SETTINGS.inbox, SETTINGS.review) if SETTINGS.inbox else None
         self.feedback_token = os.environ.get("VQFLOW_FEEDBACK_TOKEN", "")

@@ -90,7 +90,9 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     name, config = config_from_params(
         section(params, "model", ("name",)), in_channels=_channels(cache), image_size=cache.spec.image_size
     )
-    cfg = TrainConfig.from_params(dict(section(params, "train")), name)
+    train_section = dict(section(params, "train"))
+    with_onnx = bool(train_section.pop("onnx", False))  # not a training setting: what the bundle carries
+    cfg = TrainConfig.from_params(train_section, name)
     seed_everything(cfg.seed)
     model = create_model(name, config)
     train_ids = manifest.loc[manifest.split == "train", "image_id"].tolist()
@@ -128,6 +130,7 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
             "train_images": len(train_ids),
             "epochs": cfg.epochs if model.trainable else 0,
         },
+        onnx=with_onnx,
     )
     timing.record(
         params,

@@ -60,5 +60,5 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 def top_k_score(anomaly_map: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mean of the top ``fraction`` of pixels of each map (B, H, W) -> (B,)."""
     flat = anomaly_map.flatten(1)
-    k = max(1, int(round(fraction * flat.shape[1])))
+    k = max(1, round(fraction * int(flat.shape[1])))  # int(): a constant when traced for ONNX (fixed map size)
     return flat.topk(k, dim=1).values.mean(1)

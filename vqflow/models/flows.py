@@ -10,7 +10,7 @@ from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch import nn
 
-from .layers import ConvSubnet
+from .layers import ConvSubnet, pool_to
 
 
 def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
@@ -54,21 +54,22 @@ class FusionCoupling(nn.Module):
         self.subnets = nn.ModuleList(ConvSubnet(sum(src) + cond_channels, 2 * sum(dst)) for src, dst in self.halves)
 
     def _split(self, xs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        parts = [torch.split(x, [x.shape[1] - x.shape[1] // 2, x.shape[1] // 2], 1) for x in xs]
+        parts = [torch.split(x, [int(x.shape[1]) - int(x.shape[1]) // 2, int(x.shape[1]) // 2], 1) for x in xs]
         return [p[0] for p in parts], [p[1] for p in parts]
 
     def _coefficients(
         self, step: int, sources: list[torch.Tensor], cond: torch.Tensor | None, targets: list[torch.Tensor]
     ):
-        size = sources[-1].shape[-2:]
-        pooled = [F.adaptive_avg_pool2d(s, size) for s in sources]
+        # plain ints: channel counts and map sizes are fixed by the image size, so an ONNX trace keeps them constant
+        size = tuple(int(v) for v in sources[-1].shape[-2:])
+        pooled = [pool_to(s, size) for s in sources]
         if self.cond_channels:
             pooled.append(cond[:, :, None, None].expand(-1, -1, *size))
         out = self.subnets[step](torch.cat(pooled, 1))
-        sizes = [2 * t.shape[1] for t in targets]
+        sizes = [2 * int(t.shape[1]) for t in targets]
         coefficients = []
         for chunk, target in zip(torch.split(out, sizes, 1), targets):
-            chunk = F.interpolate(chunk, size=target.shape[-2:], mode="nearest")
+            chunk = F.interpolate(chunk, size=tuple(int(v) for v in target.shape[-2:]), mode="nearest")
             log_scale, shift = chunk.chunk(2, 1)
             coefficients.append((soft_clamp(log_scale, self.clamp), shift))
         return coefficients

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the flow models."""
+"""Small building blocks shared by the models."""
 
 from __future__ import annotations
 
@@ -6,8 +6,18 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
+
+
+def pool_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Average-pool (B, C, H, W) to ``size``: a plain average pool when the sizes divide (the pyramid's always do;
+    an ONNX trace of adaptive pooling needs shapes it does not keep), adaptive pooling otherwise."""
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    if height % size[0] or width % size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.avg_pool2d(x, (height // size[0], width // size[1]))
 
 
 @lru_cache(maxsize=32)

@@ -26,6 +26,7 @@ from torch import nn
 from .registry import register_model
 from .anomaly_map import gaussian_smooth, upsample
 from .base import AnomalyModel, Prediction, StepOutput
+from .layers import pool_to
 
 
 @dataclass
@@ -58,7 +59,7 @@ def to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     if x.shape[-1] == grid and x.shape[-2] == grid:
         return x
     if x.shape[-1] > grid:
-        return F.adaptive_avg_pool2d(x, grid)
+        return pool_to(x, (grid, grid))
     return F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)
 
 
