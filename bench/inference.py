@@ -86,6 +86,61 @@ def measure(params: dict, repeats: int, models: list[str], scores_out: Path | No
     return results
 
 
+def measure_onnx(params: dict, repeats: int, int8: bool) -> dict:
+    """The trained bundle's model.onnx in ONNX Runtime (fp32, and int8 from dynamic quantisation): images/s at
+    batch 1 and 16, and on the whole test set the largest difference from torch and the image AUROC."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from vqflow.bundle import ModelBundle
+    from vqflow.features import load_batch
+    from vqflow.metrics import auroc
+    from vqflow.onnx_graph import OnnxScorer
+    from vqflow.scoring import score_images
+
+    bundle = ModelBundle(params["outputs"]["model"])
+    manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
+    test = manifest[manifest.split == "test"].reset_index(drop=True)
+    size = bundle.spec.image_size
+    batches = [load_batch(test.path.tolist()[s : s + 16], size) for s in range(0, len(test), 16)]
+    model, backbone = bundle.load_model(), bundle.load_backbone()
+    reference = [score_images(model, backbone, b, torch.device("cpu")) for b in batches]
+    variants = {"fp32": bundle.onnx_path}
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        variants["int8 (dynamic)"] = Path(tempfile.mkdtemp()) / "model.int8.onnx"
+        quantize_dynamic(bundle.onnx_path, variants["int8 (dynamic)"], weight_type=QuantType.QInt8)
+
+    def mean_auroc(scores: np.ndarray) -> float:
+        return float(
+            np.mean(
+                [auroc(test.label[test.category == c], scores[test.category == c]) for c in sorted(set(test.category))]
+            )
+        )
+
+    torch_scores = np.concatenate([r.scores for r in reference])
+    rows = {"torch": {"image_auroc": mean_auroc(torch_scores)}}
+    for name, path in variants.items():
+        scorer = OnnxScorer(path, threads=torch.get_num_threads())
+        row = {"file_mib": path.stat().st_size / 2**20}
+        for batch in (1, 16):
+            x = batches[0][:batch]
+            seconds = _median_seconds(lambda: scorer.run(x), repeats)
+            row[f"batch{batch}"] = {"images_per_s": batch / seconds, "ms_per_image": 1000 * seconds / batch}
+        scored = [scorer.score(b) for b in batches]
+        scores = np.concatenate([s.scores for s in scored])
+        row["max_score_difference"] = float(np.abs(scores - torch_scores).max())
+        row["max_relative_score_difference"] = float(
+            np.max(np.abs(scores - torch_scores) / np.maximum(1.0, np.abs(torch_scores)))
+        )
+        row["max_map_difference"] = max(float(np.abs(s.maps - r.maps).max()) for s, r in zip(scored, reference))
+        row["image_auroc"] = mean_auroc(scores)
+        rows[name] = row
+    return {"model": bundle.meta["model"], "test_images": len(test), "variants": rows}
+
+
 def _fresh(name: str, params: dict, features):
     from vqflow.models import config_from_params, create_model
 
@@ -142,6 +197,7 @@ def main() -> None:
     parser.add_argument(
         "--params", type=Path, default=ROOT / "params.yaml", help="model knobs (a baseline uses its own)"
     )
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 (dynamic quantisation) row")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scores-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,6 +208,7 @@ def main() -> None:
         return
 
     import numpy as np
+    import torch
 
     sys.path.insert(0, str(ROOT))
     from bench.common import registered_models, write_results
@@ -191,6 +248,31 @@ def main() -> None:
         notes.append(
             f"Before = the library at {args.baseline_rev}; the trained {current['trained_model']} model's test "
             f"scores differ by at most {payload['max_abs_score_difference']:.2g}."
+        )
+    onnx = measure_onnx(params, args.repeats, int8=not args.no_int8)
+    payload["onnx"] = onnx
+    torch_row = current["models"].get(onnx["model"])
+    lines += [
+        "",
+        f"Runtimes for the trained {onnx['model']} (`serve.runtime`; {torch.get_num_threads()} threads each), whole "
+        f"graph from decoded image to score and map; differences and image AUROC over the {onnx['test_images']} "
+        "test images:",
+        "",
+        "| runtime | images/s batch 1 | images/s batch 16 | max score diff vs torch (relative) | max map diff | "
+        "mean image AUROC |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    if torch_row:
+        lines.append(
+            f"| torch | {torch_row['batch1']['images_per_s']:.1f} | {torch_row['batch16']['images_per_s']:.1f} | - | - "
+            f"| {100 * onnx['variants']['torch']['image_auroc']:.2f} |"
+        )
+    for name, r in onnx["variants"].items():
+        if name == "torch":
+            continue
+        lines.append(
+            f"| ONNX Runtime {name} | {r['batch1']['images_per_s']:.1f} | {r['batch16']['images_per_s']:.1f} | "
+            f"{r['max_relative_score_difference']:.1e} | {r['max_map_difference']:.1e} | {100 * r['image_auroc']:.2f} |"
         )
     print(Path(write_results("inference", payload, "\n".join(lines) + "\n" + " ".join(notes))).read_text())
 

@@ -87,22 +87,55 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per level at most")
     parser.add_argument("--images", default="data/synthetic", help="folder of 256x256 test images")
+    parser.add_argument("--runtimes", default="torch,onnx", help="serve.runtime values to serve, one after the other")
     args = parser.parse_args()
     images = [p.read_bytes() for p in sorted(Path(args.images).rglob("test/*/*.png"))[:64]]
     if not images:
         sys.exit(f"no test images under {args.images}: run `make run` first")
-    import bentoml
-
     from vqflow.serving import served_tag
 
     tag = args.model_tag or served_tag()
-    # the machine's speed drifts: the library is measured before and after the server, and their mean compared
+
+    runs = {runtime: serve_and_load(tag, runtime, images, args) for runtime in args.runtimes.split(",")}
+    table = (
+        "| runtime | concurrency | requests | errors | p50 ms | p95 ms | p99 ms | images/s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    table += "\n".join(
+        f"| {runtime} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+        f"{r['p99_ms']:.0f} | {r['throughput_rps']:.1f} |"
+        for runtime, run in runs.items()
+        for r in run["levels"]
+    )
+    for runtime, run in runs.items():
+        at16 = next((r for r in run["levels"] if r["concurrency"] == 16), None)
+        table += (
+            f"\n\n{runtime}: the library (decode + model, batches of 16, no HTTP, serve.runtime {runtime}) in the same "
+            f"run: {run['library_images_per_s']:.1f} images/s (mean of {run['library_before']:.1f} before and "
+            f"{run['library_after']:.1f} after the server)"
+            + (
+                f"; the service at concurrency 16 reaches "
+                f"{100 * at16['throughput_rps'] / run['library_images_per_s']:.0f} % of it"
+                if at16
+                else ""
+            )
+            + f". Server peak memory (RSS, all processes): {run['peak_rss_mib']:.0f} MiB."
+        )
+    table += f"\n\n256x256 PNG uploads to /predict, model {tag}; `serve.runtime` set by VQFLOW_RUNTIME."
+    print(table)
+    write_results("service_load", {"model_tag": tag, "runtimes": runs}, table)
+
+
+def serve_and_load(tag: str, runtime: str, images: list[bytes], args) -> dict:
+    """The library's batch-16 rate (before and after: the machine's speed drifts) and the served levels."""
+    import bentoml
+
     from vqflow.inference import Predictor
 
-    predictor = Predictor(bentoml.models.get(tag).path, "cpu")
+    predictor = Predictor(bentoml.models.get(tag).path, "cpu", runtime=runtime)
     library_before = library_rate(predictor, images)
-    print(f"library, batch 16: {library_before:.1f} images/s")
-    with bentoml_server({"VQFLOW_MODEL_TAG": tag}) as (url, server):
+    print(f"{runtime}: library, batch 16: {library_before:.1f} images/s")
+    with bentoml_server({"VQFLOW_MODEL_TAG": tag, "VQFLOW_RUNTIME": runtime}) as (url, server):
         proc = psutil.Process(server.pid)
         peak = _tree_rss(proc)
         rows = []
@@ -120,40 +153,15 @@ def main() -> None:
                 rows.append(run_level(url, images, level, args.requests, args.time_limit))
                 stop[0] = True
                 w.result()
-            print(rows[-1])
-    table = "| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | images/s |\n|---:|---:|---:|---:|---:|---:|---:|\n"
-    table += "\n".join(
-        f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
-        f"{r['p99_ms']:.0f} | {r['throughput_rps']:.1f} |"
-        for r in rows
-    )
+            print(runtime, rows[-1])
     library_after = library_rate(predictor, images)
-    library = (library_before + library_after) / 2
-    at16 = next((r for r in rows if r["concurrency"] == 16), None)
-    table += (
-        f"\n\nThe library (decode + model, batches of 16, no HTTP) in the same run: {library:.1f} images/s "
-        f"(mean of {library_before:.1f} before and {library_after:.1f} after the server)"
-        + (
-            f"; the service at concurrency 16 reaches {100 * at16['throughput_rps'] / library:.0f} % of it"
-            if at16
-            else ""
-        )
-        + f".\nServer peak memory (RSS, all processes): {peak / 2**20:.0f} MiB. 256x256 PNG uploads to /predict, "
-        f"model {tag}."
-    )
-    print(table)
-    write_results(
-        "service_load",
-        {
-            "levels": rows,
-            "peak_rss_mib": peak / 2**20,
-            "library_images_per_s": library,
-            "library_before": library_before,
-            "library_after": library_after,
-            "model_tag": tag,
-        },
-        table,
-    )
+    return {
+        "levels": rows,
+        "peak_rss_mib": peak / 2**20,
+        "library_images_per_s": (library_before + library_after) / 2,
+        "library_before": library_before,
+        "library_after": library_after,
+    }
 
 
 if __name__ == "__main__":
