@@ -63,6 +63,7 @@ def variant_params(base: dict, work: Path, name: str) -> dict:
         "metrics": str(out / "metrics.json"),
         "scores": str(out / "scores.csv"),
         "plots": str(out / "plots"),
+        "curves": str(out / "curves"),  # not the repository's metrics/curves
         "report": str(out / "report.md"),
     }
     return params
