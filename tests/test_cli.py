@@ -22,7 +22,6 @@ def _vqflow(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedPro
 def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     params = tiny_params(Path("."))  # paths relative to the project folder, as in params.yaml
     params["generate"].update(categories=["wood"], train_per_category=4, test_good_per_category=1)
-    params["features"]["shard_size"] = 4
     params["train"].update(batch_size=2, init_images=4)
     for stage in ("generate", "prepare", "features", "train", "evaluate", "summary"):
         result = _vqflow(tmp_path, params, stage)

@@ -1,33 +1,40 @@
-"""Sharded feature extraction on a local 2-process Dask cluster equals the single-process cache."""
+"""Feature extraction mapped over a local 2-process Dask cluster equals the single-process cache."""
 
 import json
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from tests.conftest import tiny_params
 from vqflow import stages
 
 
-def test_dask_shards_merge_into_the_same_cache(tmp_path):
+def _entries(root):
+    return {path.name: path for path in (root / "objects").glob("*/*.safetensors")}
+
+
+def test_dask_tasks_index_into_the_same_cache(tmp_path):
+    from safetensors.torch import load_file
+
     from flows.features import features_on_dask
 
     params = tiny_params(tmp_path)
-    params["features"]["shard_size"] = 6
+    params["features"].update(images_per_task=6, batch_size=6)  # tasks made of whole batches: the same kernels
     stages.generate(params)
     stages.prepare(params)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     torch.set_num_threads(1)  # the same threads as each Dask worker
-    single = stages.features(params)
-    reference = {name: load_file(str(tmp_path / "data/features" / name)) for name in single["shards"]}
-    (tmp_path / "data/features/index.json").unlink()
-    for name in single["shards"]:
-        (tmp_path / "data/features" / name).unlink()
+    single, _ = stages.features(params)
+    cache = tmp_path / "data/features"
+    reference = {name: load_file(str(path)) for name, path in _entries(cache).items()}
+    (cache / "index.json").unlink()
+    for path in _entries(cache).values():
+        path.unlink()
     distributed = features_on_dask(str(tmp_path))
-    assert distributed == single and len(single["shards"]) >= 4
+    assert distributed == single and len(reference) >= 24
+    assert set(_entries(cache)) == set(reference)
     for name, tensors in reference.items():
-        other = load_file(str(tmp_path / "data/features" / name))
+        other = load_file(str(_entries(cache)[name]))
         for key, value in tensors.items():
             torch.testing.assert_close(other[key], value, atol=1e-6, rtol=0)
-    assert json.loads((tmp_path / "data/features/index.json").read_text())["key"] == single["key"]
+    assert json.loads((cache / "index.json").read_text())["key"] == single["key"]

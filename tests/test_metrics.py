@@ -118,3 +118,56 @@ def test_mad_averages_the_metrics_that_exist_and_says_how_many():
     masks = np.zeros((6, 8, 8), bool)
     masks[labels == 1, 2:5, 2:5] = True
     assert evaluate_categories(np.array(["a"] * 6), labels, scores, maps, masks)["per_category"]["a"]["mad_count"] == 7
+
+
+def _smooth_maps(seed, count=24, size=64):
+    """Maps like a model's (smooth, negative and positive values, defects scoring higher) and masks of blobs."""
+    rng = np.random.default_rng(seed)
+    maps = ndimage.gaussian_filter(rng.normal(size=(count, size, size)), (0, 2, 2)) * 5 - 1
+    masks = ndimage.gaussian_filter(rng.normal(size=(count, size, size)), (0, 3, 3)) > 0.15
+    masks[: count // 3] = False  # normal images
+    maps = maps + 3.0 * masks * rng.uniform(0.2, 1.0, size=(count, 1, 1))
+    return maps.astype(np.float32), masks
+
+
+def test_float_order_bins_keep_the_order_of_the_scores():
+    from vqflow.metrics import float_order_bins
+
+    values = np.sort(np.random.default_rng(0).normal(scale=1e3, size=10_000).astype(np.float32))
+    bins = float_order_bins(values, 20)
+    assert np.all(np.diff(bins) >= 0) and bins.min() >= 0 and bins.max() < 1 << 20
+    assert float_order_bins(np.float32([-0.0, 0.0]), 32)[0] < float_order_bins(np.float32([-0.0, 0.0]), 32)[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binned_pixel_metrics_equal_the_exact_ones_to_1e3(seed):
+    from vqflow.metrics import PixelHistogram, pixel_metrics
+
+    maps, masks = _smooth_maps(seed)
+    exact = pixel_metrics(maps, masks, 0.3)
+    binned = pixel_metrics(maps, masks, 0.3, exact_limit=maps.size - 1)
+    assert set(binned) == set(exact)
+    for name, value in exact.items():
+        assert 0.5 < value < 1.0, name  # a case where the metric means something
+        assert abs(binned[name] - value) <= 1e-3, (name, binned[name], value)
+    coarse = PixelHistogram(bits=10)  # too few bins: the comparison above can fail
+    coarse.add(maps, masks)
+    assert max(abs(coarse.metrics()[n] - exact[n]) for n in exact) > 1e-3
+    in_parts = PixelHistogram()
+    for start in range(0, len(maps), 5):
+        in_parts.add(maps[start : start + 5], masks[start : start + 5])
+    assert in_parts.metrics() == binned
+
+
+def test_evaluation_bins_only_the_categories_above_the_limit_and_says_so():
+    maps, masks = _smooth_maps(0, count=12)
+    categories = np.array(["big"] * 8 + ["small"] * 4)
+    labels = masks.any((1, 2)).astype(int)
+    scores = maps.max((1, 2))
+    limit = 6 * 64 * 64
+    result = evaluate_categories(categories, labels, scores, maps, masks, exact_limit=limit)
+    exact = evaluate_categories(categories, labels, scores, maps, masks)
+    assert result["pixel_metrics_binned"] == ["big"] and "pixel_metrics_binned" not in exact
+    assert result["per_category"]["small"] == pytest.approx(exact["per_category"]["small"], nan_ok=True, abs=0)
+    big, reference = result["per_category"]["big"], exact["per_category"]["big"]
+    assert big != reference and all(abs(big[k] - reference[k]) <= 1e-3 for k in METRICS)

@@ -132,6 +132,7 @@ NOT_DEPENDENCIES = {
     "train.device": "the device",
     "evaluate.device": "the device",
     "train.checkpoint_every": "resuming reproduces the uninterrupted run (tests/test_train.py)",
+    "train.loader_workers": "processes reading batches ahead: streamed training is identical (tests/test_train.py)",
     "outputs.checkpoints": "where resumable checkpoints go (not an output)",
     "outputs.timing": "wall-clock figures (vqflow/timing.py): not an output",
     "validate.docs": "the Great Expectations Data Docs (carry run times): not an output",

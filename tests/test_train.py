@@ -96,3 +96,22 @@ def test_divergence_is_reported():
     features = [f * np.float32(1e30) for f in tiny_features(12)]
     with pytest.raises(FloatingPointError, match="loss is"):
         train_model(model, features, CFG, torch.device("cpu"), progress=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_from_the_cache_equals_training_in_memory(tmp_path, workers):
+    from tests.test_features import write_cache
+    from vqflow.features import CachedFeatures
+
+    features = tiny_features(12)
+    in_memory = _fresh()
+    expected = train_model(in_memory, features, CFG, torch.device("cpu"), progress=False)
+    cache, ids = write_cache(tmp_path, features)
+    streamed = _fresh()
+    history = train_model(
+        streamed, CachedFeatures(cache, ids), CFG, torch.device("cpu"), progress=False, workers=workers
+    )
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in expected]
+    for (name, a), b in zip(in_memory.state_dict().items(), streamed.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -52,11 +52,8 @@ def validate_stage(params: dict, args: argparse.Namespace) -> None:
 @stage("features")
 def features_stage(params: dict, args: argparse.Namespace) -> None:
     """Extract and cache the backbone pyramid of every manifest image."""
-    index = stages.features(params)
-    print(
-        f"feature cache {params['features']['cache']}: {len(index['entries'])} images, "
-        f"{len(index['shards'])} shards, key {index['key']}"
-    )
+    index, extracted = stages.features(params)
+    print(f"feature cache {params['features']['cache']}: {len(index['entries'])} images ({extracted} extracted now)")
 
 
 @stage("train")

@@ -44,11 +44,12 @@ def print_summary(params: dict, console: Console | None = None) -> None:
     cache_index = Path(params["features"]["cache"]) / "index.json"
     if cache_index.is_file():
         index = read_json(cache_index)
-        size = sum(p.stat().st_size for p in cache_index.parent.glob("shard-*.safetensors"))
+        files = list(cache_index.parent.glob("objects/*/*.safetensors"))
+        size = sum(p.stat().st_size for p in files)
         console.print(
             f"Feature cache: {len(index['entries'])} images, backbone {index['backbone']['name']} "
             f"({index['backbone']['weights']}) at {index['backbone']['image_size']} px, "
-            f"{size / 2**20:.1f} MiB in {len(index['shards'])} shards"
+            f"{size / 2**20:.1f} MiB in {len(files)} entries"
         )
     outputs = params.get("outputs", {})
     model_dir = Path(outputs.get("model", "models/model"))

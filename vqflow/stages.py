@@ -50,33 +50,31 @@ def backbone_spec(params: dict):
     return BackboneSpec.from_params(section(params, "features", ("backbone", "image_size")))
 
 
-def features(params: dict, shards: list[int] | None = None) -> dict:
-    """Extract and cache the backbone pyramid of every manifest image."""
-    from .data.manifest import manifest_hash, read_manifest
+def features(params: dict) -> tuple[dict, int]:
+    """Extract and cache the backbone pyramid of every manifest image the cache lacks: (index, images extracted)."""
+    from .data.manifest import read_manifest
     from .features import extract_features
 
     manifest_path = section(params, "prepare", ("manifest",))["manifest"]
     p = section(params, "features", ("cache",))
-    return extract_features(
+    started = time.perf_counter()
+    index, extracted = extract_features(
         read_manifest(manifest_path),
         backbone_spec(params),
-        manifest_hash(manifest_path),
         p["cache"],
-        int(p.get("shard_size", 64)),
         int(p.get("batch_size", 16)),
         str(p.get("device", "auto")),
     )
+    timing.record(params, "features", seconds=time.perf_counter() - started, images_extracted=extracted)
+    return index, extracted
 
 
 def _manifest_and_cache(params: dict):
-    from .data.manifest import manifest_hash, read_manifest
+    from .data.manifest import read_manifest
     from .features import FeatureCache
 
-    manifest_path = section(params, "prepare", ("manifest",))["manifest"]
-    cache = FeatureCache(
-        section(params, "features", ("cache",))["cache"], backbone_spec(params), manifest_hash(manifest_path)
-    )
-    return read_manifest(manifest_path), cache
+    manifest = read_manifest(section(params, "prepare", ("manifest",))["manifest"])
+    return manifest, FeatureCache(section(params, "features", ("cache",))["cache"], backbone_spec(params), manifest)
 
 
 def train(params: dict, stop_after_epoch: int | None = None) -> Path:
@@ -84,6 +82,7 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     from .backbones import resolve_device
     from .bundle import ModelBundle
     from .models import config_from_params, create_model
+    from .features import CachedFeatures
     from .train import Checkpoint, TrainConfig, fingerprint, seed_everything, train_model, write_history
 
     manifest, cache = _manifest_and_cache(params)
@@ -92,11 +91,12 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     )
     train_section = dict(section(params, "train"))
     with_onnx = bool(train_section.pop("onnx", False))  # not a training setting: what the bundle carries
+    workers = int(train_section.pop("loader_workers", 0))  # nor this: how fast batches are read
     cfg = TrainConfig.from_params(train_section, name)
     seed_everything(cfg.seed)
     model = create_model(name, config)
     train_ids = manifest.loc[manifest.split == "train", "image_id"].tolist()
-    features = cache.get(train_ids)
+    features = CachedFeatures(cache, train_ids)
     out = section(params, "outputs", ("model", "train_log", "checkpoints"))
     key = fingerprint(name, dataclasses.asdict(config), cfg.__dict__, cache.index["key"])
     checkpoint = Checkpoint(Path(out["checkpoints"]) / key, key)
@@ -110,6 +110,7 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
         checkpoint,
         lambda h: write_history(out["train_log"], h),
         stop_after_epoch=stop_after_epoch,
+        workers=workers,
     )
     write_history(out["train_log"], history)  # also when a finished checkpoint was restored
     if model.trainable and len(history) < cfg.epochs:
@@ -178,8 +179,15 @@ def evaluate(params: dict) -> dict:
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     scored = score_cached(model, cache, test.image_id.tolist(), device, int(p.get("batch_size", 16)))
     masks = ground_truth_masks(test, scored.maps.shape[-1])
+    limit = p.get("exact_pixel_limit")
     metrics = evaluate_categories(
-        test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks, float(p.get("max_fpr", 0.3))
+        test.category.to_numpy(),
+        test.label.to_numpy(),
+        scored.scores,
+        scored.maps,
+        masks,
+        float(p.get("max_fpr", 0.3)),
+        None if limit is None else int(limit),
     )
     metrics["at_threshold"] = decisions(test, scored.scores, thresholds)
     metrics["epochs"] = meta.get("epochs")

@@ -46,7 +46,7 @@ def tiny_params(root: Path) -> dict:
             "weights": "packaged",
             "image_size": 64,
             "cache": str(root / "data/features"),
-            "shard_size": 8,
+            "images_per_task": 8,
         },
         "model": {
             "name": "vqflow",

@@ -10,11 +10,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .io import atomic_dir, read_json, write_json
@@ -59,6 +60,38 @@ class TrainConfig:
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+class FeatureSet(Protocol):
+    """Training features by position: ``__getitems__`` gives the stacked pyramid (one tensor per stage) of a
+    batch. ``features.CachedFeatures`` streams from the cache; ``TensorFeatures`` wraps tensors in memory."""
+
+    def __len__(self) -> int: ...
+
+    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]: ...
+
+
+class TensorFeatures:
+    """Per-stage tensors already in memory (N, C, H, W) as a FeatureSet."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.tensors = list(tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        picked = torch.as_tensor(list(indices), dtype=torch.long)
+        return [t[picked] for t in self.tensors]
+
+
+def _batch_as_is(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    return batch  # __getitems__ already stacked it
+
+
+def batches(features: FeatureSet, index_batches: list[list[int]], workers: int = 0):
+    """The batches in the given order, read by ``workers`` processes ahead of the training step (0: inline)."""
+    return DataLoader(features, batch_sampler=index_batches, collate_fn=_batch_as_is, num_workers=workers)
 
 
 def seed_everything(seed: int) -> None:
@@ -138,25 +171,29 @@ def fingerprint(*parts: object) -> str:
 
 def train_model(
     model: AnomalyModel,
-    features: list[torch.Tensor],
+    features: FeatureSet | Sequence[torch.Tensor],
     cfg: TrainConfig,
     device: torch.device,
     checkpoint: Checkpoint | None = None,
     log: Callable[[list[dict]], None] | None = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    workers: int = 0,
 ) -> list[dict]:
-    """Train ``model`` on the training features (list of per-stage tensors). Returns the per-epoch history.
+    """Train ``model`` on the training features (a FeatureSet, or per-stage tensors). Returns the per-epoch
+    history. Only a few batches are in memory at a time; ``workers`` processes read them ahead.
 
     ``stop_after_epoch`` ends the run early as an interruption would (used to test resumption).
     """
-    count = len(features[0])
+    if not hasattr(features, "__getitems__"):
+        features = TensorFeatures(features)
+    count = len(features)
     if count == 0:
         raise ValueError("no training images")
     seed_everything(cfg.seed)
     model.to(device)
     init_ids = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.init_images]
-    model.initialize([f[init_ids].to(device) for f in features])
+    model.initialize([f.to(device) for f in features.__getitems__(init_ids.tolist())])
     batch = min(cfg.batch_size, count)
     epochs = cfg.epochs if model.trainable else 0  # a statistics-only model is fitted below, in one pass
     start, history = 0, []
@@ -175,13 +212,19 @@ def train_model(
         counts: dict[str, int] = {}
         usage = {name: torch.zeros(size, dtype=torch.long) for name, size in model.codebook_sizes.items()}
         started = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for step in bar:
+        epoch_batches = [order[step * batch : (step + 1) * batch].tolist() for step in range(steps)]
+        bar = tqdm(
+            batches(features, epoch_batches, workers),
+            total=steps,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for step, stages in enumerate(bar):
             lr = learning_rate(cfg, epoch, step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ids = order[step * batch : (step + 1) * batch]
-            for chunk in model.training_chunks([f[ids].to(device, non_blocking=True) for f in features]):
+            for chunk in model.training_chunks([f.to(device, non_blocking=True) for f in stages]):
                 out = model.training_step(chunk)
                 if not torch.isfinite(out.loss):
                     raise FloatingPointError(
@@ -215,9 +258,8 @@ def train_model(
     model.eval()
     started = time.perf_counter()
     with torch.no_grad():
-        model.fit_statistics(
-            [f[start : start + batch].to(device) for f in features] for start in range(0, count, batch)
-        )
+        in_order = [list(range(start, min(start + batch, count))) for start in range(0, count, batch)]
+        model.fit_statistics([f.to(device) for f in stages] for stages in batches(features, in_order, workers))
     if not epochs:
         history = [{"epoch": 0, "seconds": time.perf_counter() - started}]
         if log is not None:
@@ -233,6 +275,8 @@ def write_history(path: str | Path, history: list[dict]) -> None:
 
 __all__ = [
     "TrainConfig",
+    "FeatureSet",
+    "TensorFeatures",
     "Checkpoint",
     "train_model",
     "write_history",
