@@ -47,6 +47,11 @@ STEPS = {
     "pipeline": ([sys.executable, "bench/pipeline.py"], "pipeline", "Feature extraction, training and metrics"),
     "inference": ([sys.executable, "bench/inference.py"], "inference", "Inference speed (256 px, EfficientNet-Lite0)"),
     "aupro": ([sys.executable, "bench/aupro.py"], "aupro", "AUPRO: ours vs. the slow exact reference"),
+    "scale": (
+        [sys.executable, "bench/scale.py"],
+        "scale",
+        "Scale: peak memory and time per image from 2k to 20k training images",
+    ),
     "service": ([sys.executable, "bench/service_load.py"], "service_load", "`bentoml serve` under load"),
     "feedback": (
         [sys.executable, "bench/feedback_loop.py"],

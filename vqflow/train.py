@@ -89,9 +89,31 @@ def _batch_as_is(batch: list[torch.Tensor]) -> list[torch.Tensor]:
     return batch  # __getitems__ already stacked it
 
 
-def batches(features: FeatureSet, index_batches: list[list[int]], workers: int = 0):
-    """The batches in the given order, read by ``workers`` processes ahead of the training step (0: inline)."""
-    return DataLoader(features, batch_sampler=index_batches, collate_fn=_batch_as_is, num_workers=workers)
+class EpochBatches:
+    """The index batches of the current epoch: set before each pass, read by the DataLoader in this process."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def batch_loader(features: FeatureSet, order: EpochBatches | list[list[int]], workers: int = 0) -> DataLoader:
+    """Batches in ``order``, read by ``workers`` processes ahead of the training step (0: inline). Workers are
+    started once from a fresh forkserver process (a fork of this process can inherit the threads of an
+    orchestrator such as Prefect, and die), and kept across epochs."""
+    return DataLoader(
+        features,
+        batch_sampler=order,
+        collate_fn=_batch_as_is,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        multiprocessing_context="forkserver" if workers > 0 else None,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -205,6 +227,8 @@ def train_model(
             if restored is not None:
                 start, history = restored
     steps = count // batch  # drop the ragged last batch: batch norm needs more than one sample
+    epoch_batches = EpochBatches()
+    loader = batch_loader(features, epoch_batches, workers)
     for epoch in range(start, epochs):
         model.train()
         order = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
@@ -212,9 +236,9 @@ def train_model(
         counts: dict[str, int] = {}
         usage = {name: torch.zeros(size, dtype=torch.long) for name, size in model.codebook_sizes.items()}
         started = time.perf_counter()
-        epoch_batches = [order[step * batch : (step + 1) * batch].tolist() for step in range(steps)]
+        epoch_batches.batches = [order[step * batch : (step + 1) * batch].tolist() for step in range(steps)]
         bar = tqdm(
-            batches(features, epoch_batches, workers),
+            loader,
             total=steps,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not progress,
@@ -259,7 +283,7 @@ def train_model(
     started = time.perf_counter()
     with torch.no_grad():
         in_order = [list(range(start, min(start + batch, count))) for start in range(0, count, batch)]
-        model.fit_statistics([f.to(device) for f in stages] for stages in batches(features, in_order, workers))
+        model.fit_statistics([f.to(device) for f in stages] for stages in batch_loader(features, in_order))
     if not epochs:
         history = [{"epoch": 0, "seconds": time.perf_counter() - started}]
         if log is not None:
