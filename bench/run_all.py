@@ -50,7 +50,7 @@ STEPS = {
     "scale": (
         [sys.executable, "bench/scale.py"],
         "scale",
-        "Scale: peak memory and time per image from 2k to 20k training images",
+        "Scale: peak memory and time per image as the training set grows",
     ),
     "service": ([sys.executable, "bench/service_load.py"], "service_load", "`bentoml serve` under load"),
     "feedback": (
