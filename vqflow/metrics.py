@@ -19,6 +19,8 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
+WITHIN_IMAGE = np.zeros((3, 3, 3), dtype=int)  # 8-connected within an image of a (N, H, W) stack, never across
+WITHIN_IMAGE[1] = EIGHT_CONNECTED
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 REPORTED = (*METRICS, "mad")  # what tables show (in %); metrics.json also holds "mad_count"
 
@@ -69,10 +71,7 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 1.0) -> tupl
     threshold where FPR passes ``max_fpr`` are sorted, and only the defect pixels are argsorted.
     """
     masks = masks.astype(bool)
-    # 8-connected within an image, never across images; labels unique over the stack
-    within_image = np.zeros((3, 3, 3), dtype=int)
-    within_image[1] = EIGHT_CONNECTED
-    labels, regions = ndimage.label(masks, structure=within_image)
+    labels, regions = ndimage.label(masks, structure=WITHIN_IMAGE)  # labels unique over the stack
     normal_scores = maps[~masks]
     normal = normal_scores.size
     if regions == 0 or normal == 0:
@@ -141,9 +140,7 @@ class PixelHistogram:
         size = 1 << self.bits
         self.normal += np.bincount(bins[~masks], minlength=size)
         self.defect += np.bincount(bins[masks], minlength=size)
-        within_image = np.zeros((3, 3, 3), dtype=int)
-        within_image[1] = EIGHT_CONNECTED
-        labels, regions = ndimage.label(masks, structure=within_image)
+        labels, regions = ndimage.label(masks, structure=WITHIN_IMAGE)
         if regions:
             region_of = labels[masks]
             sizes = np.bincount(region_of, minlength=regions + 1).astype(np.float64)
