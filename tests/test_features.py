@@ -63,14 +63,14 @@ def test_stale_or_foreign_cache_is_refused(manifest, tmp_path):
 
 def test_adding_images_extracts_only_them_and_removing_prunes(manifest, tmp_path):
     fresh, _ = extract_features(manifest, SPEC, tmp_path / "fresh", progress=False)
-    added = manifest.sample(frac=1, random_state=0).index[:3]
+    added = manifest.sample(frac=1, random_state=0).index[:10]
     # the smaller manifest numbers its rows differently: ids are positions, entries follow the content
     smaller = manifest.drop(added).reset_index(drop=True).assign(image_id=lambda f: [f"{i:06d}" for i in range(len(f))])
     _, extracted = extract_features(smaller, SPEC, tmp_path / "grown", progress=False)
     assert extracted == len(smaller)
     before = _entries(tmp_path / "grown")
     index, extracted = extract_features(manifest, SPEC, tmp_path / "grown", progress=False)
-    assert extracted == 3
+    assert extracted == 10 and len(smaller) >= 10
     after = _entries(tmp_path / "grown")
     assert all(after[name] == data for name, data in before.items())  # untouched
     assert index == fresh and set(after) == set(_entries(tmp_path / "fresh"))

@@ -171,3 +171,46 @@ def test_evaluation_bins_only_the_categories_above_the_limit_and_says_so():
     assert result["per_category"]["small"] == pytest.approx(exact["per_category"]["small"], nan_ok=True, abs=0)
     big, reference = result["per_category"]["big"], exact["per_category"]["big"]
     assert big != reference and all(abs(big[k] - reference[k]) <= 1e-3 for k in METRICS)
+
+
+def test_pixel_metrics_a_batch_at_a_time_are_exact_up_to_the_limit_then_binned():
+    from vqflow.metrics import PixelHistogram, PixelMetrics, pixel_metrics
+
+    maps, masks = _smooth_maps(1)
+    exact = pixel_metrics(maps, masks)
+    below, crossing = PixelMetrics(maps.size), PixelMetrics(maps.size - 1)
+    for start in range(0, len(maps), 5):
+        below.add(maps[start : start + 5], masks[start : start + 5])
+        crossing.add(maps[start : start + 5], masks[start : start + 5])
+    assert not below.binned and below.metrics() == exact
+    histogram = PixelHistogram()
+    histogram.add(maps, masks)
+    assert crossing.binned and crossing.metrics() == histogram.metrics()
+
+
+def test_the_evaluate_stage_streams_to_the_same_metrics_as_all_maps_in_memory(trained_project):
+    """measure_test_split (one category and one batch of maps at a time) against evaluate_categories on every map
+    of the test split at once, exact and binned."""
+    import torch
+
+    from vqflow import stages
+    from vqflow.bundle import ModelBundle
+    from vqflow.scoring import score_cached
+
+    _, params = trained_project
+    cpu = torch.device("cpu")
+    manifest, cache = stages._manifest_and_cache(params)
+    model = ModelBundle(params["outputs"]["model"]).load_model(cpu)
+    test = manifest[manifest.split == "test"].reset_index(drop=True)
+    scored = score_cached(model, cache, test.image_id.tolist(), cpu, progress=False)
+    masks = stages.ground_truth_masks(test, scored.maps.shape[-1])
+    arrays = (test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks, 0.3)
+    for limit in (None, 5 * scored.maps[0].size):  # 5 maps: crossed inside each category's second batch
+        reference = evaluate_categories(*arrays, limit)
+        metrics, scores, extras = stages.measure_test_split(model, cache, test, cpu, 3, 0.3, limit)
+        np.testing.assert_allclose(scores, scored.scores, rtol=1e-5)
+        assert metrics.get("pixel_metrics_binned") == reference.get("pixel_metrics_binned")
+        for category, values in reference["per_category"].items():
+            assert metrics["per_category"][category] == pytest.approx(values, abs=1e-4, nan_ok=True), category
+    assert limit and metrics["pixel_metrics_binned"] == sorted(set(test.category))
+    assert set(extras) == {k for k, v in scored.extras.items() if v.ndim == 1}

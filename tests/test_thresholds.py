@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vqflow.thresholds import GLOBAL, calibrate, decision_metrics, threshold_for
+from vqflow.thresholds import GLOBAL, Calibration, UpperQuantile, calibrate, decision_metrics, threshold_for
 
 
 def _val(n_per=50, categories=("a", "b")):
@@ -23,6 +23,41 @@ def test_threshold_is_the_val_quantile_and_rejects_about_target_frr():
     assert threshold_for(result, "b") == result["categories"]["b"]["image"]
     assert threshold_for(result, None) == threshold_for(result, "unknown") == result["categories"][GLOBAL]["image"]
     assert result["categories"]["a"]["pixel"] == np.quantile(maps[:200], 0.99, method="higher")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_upper_quantile_in_parts_equals_numpy_and_holds_only_the_top(seed):
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=int(rng.integers(1, 3000))).astype(np.float32)
+    if seed % 2:
+        values = np.round(values, 1)  # many ties
+    for q in (0.0, 0.5, 0.99, 0.995, 1 - 1e-4):
+        quantile = UpperQuantile(values.size, q)
+        for part in np.array_split(values, int(rng.integers(1, 20))):
+            quantile.add(part)
+        assert quantile.value() == float(np.quantile(values, q, method="higher")), q
+        assert quantile.top.size <= values.size * (1 - q) + 1
+    with pytest.raises(ValueError, match="asked after"):
+        UpperQuantile(10, 0.5).value()
+
+
+def test_calibration_a_batch_at_a_time_equals_calibration_at_once():
+    rng = np.random.default_rng(4)
+    val = pd.DataFrame({"category": rng.choice(["a", "b", "c"], 90), "split": "val", "label": 0})  # interleaved
+    scores, maps = rng.normal(size=90), rng.random((90, 5, 5)).astype(np.float32)
+    at_once = calibrate(val, scores, maps, 0.05, 0.01)
+    calibration = Calibration(val, 0.05, 0.01)
+    for rows in np.array_split(np.arange(90), 7):
+        calibration.add(scores[rows], maps[rows])
+    assert calibration.result() == at_once
+    for category in "abc":
+        in_category = (val.category == category).to_numpy()
+        assert at_once["categories"][category]["pixel"] == np.quantile(maps[in_category], 0.99, method="higher")
+    assert at_once["categories"][GLOBAL]["pixel"] == np.quantile(maps, 0.99, method="higher")
+    unfinished = Calibration(val, 0.05, 0.01)
+    unfinished.add(scores[:10], maps[:10])
+    with pytest.raises(ValueError, match="differ in length"):
+        unfinished.result()
 
 
 def test_calibration_refuses_test_or_defective_rows():

@@ -167,19 +167,73 @@ class PixelHistogram:
         }
 
 
+class PixelMetrics:
+    """Pixel metrics of one category, accumulated a batch of maps at a time: exact while at most ``exact_limit``
+    pixels have arrived (all of them are held), binned (``PixelHistogram``, fixed memory) from the batch that
+    crosses it on. ``exact_limit=None``: always exact."""
+
+    def __init__(self, exact_limit: int | None = None):
+        self.exact_limit = exact_limit
+        self._held: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pixels = 0
+        self.histogram: PixelHistogram | None = None
+
+    @property
+    def binned(self) -> bool:
+        return self.histogram is not None
+
+    def add(self, maps: np.ndarray, masks: np.ndarray) -> None:
+        """Add maps and masks (N, H, W) of some images."""
+        self._pixels += maps.size
+        if self.histogram is None and (self.exact_limit is None or self._pixels <= self.exact_limit):
+            self._held.append((maps, masks))
+            return
+        if self.histogram is None:
+            self.histogram = PixelHistogram()
+            for held in self._held:
+                self._add_binned(*held)
+            self._held = []
+        self._add_binned(maps, masks)
+
+    def _add_binned(self, maps: np.ndarray, masks: np.ndarray, images: int = 64) -> None:
+        for start in range(0, len(maps), images):
+            self.histogram.add(maps[start : start + images], masks[start : start + images])
+
+    def metrics(self, max_fpr: float = 0.3) -> dict[str, float]:
+        if self.histogram is not None:
+            return self.histogram.metrics(max_fpr)
+        if len(self._held) == 1:
+            maps, masks = self._held[0]
+        else:
+            maps, masks = (np.concatenate(parts) for parts in zip(*self._held))
+        pixel_labels = masks.astype(np.uint8)
+        return {
+            "pixel_auroc": auroc(pixel_labels, maps),
+            "pixel_ap": average_precision(pixel_labels, maps),
+            "pixel_f1max": f1_max(pixel_labels, maps)[0],
+            "pixel_aupro": aupro(maps, masks, max_fpr),
+        }
+
+
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3, exact_limit: int | None = None) -> dict:
     """Pixel AUROC, AP, F1-max and AUPRO: exact up to ``exact_limit`` pixels (None: always), binned above it."""
-    if exact_limit is not None and maps.size > exact_limit:
-        histogram = PixelHistogram()
-        for start in range(0, len(maps), 64):
-            histogram.add(maps[start : start + 64], masks[start : start + 64])
-        return histogram.metrics(max_fpr)
-    pixel_labels = masks.astype(np.uint8)
+    pixels = PixelMetrics(exact_limit)
+    pixels.add(maps, masks)
+    return pixels.metrics(max_fpr)
+
+
+def with_mad(values: dict[str, float]) -> dict[str, float]:
+    """``values`` plus mAD, the mean of the metrics that exist (pixel metrics need masks; AUROC needs both
+    classes), and how many that is, so a mAD of 3 image metrics is never mistaken for one of 7."""
+    finite = [v for v in values.values() if np.isfinite(v)]
+    return {**values, "mad": float(np.mean(finite)) if finite else float("nan"), "mad_count": len(finite)}
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     return {
-        "pixel_auroc": auroc(pixel_labels, maps),
-        "pixel_ap": average_precision(pixel_labels, maps),
-        "pixel_f1max": f1_max(pixel_labels, maps)[0],
-        "pixel_aupro": aupro(maps, masks, max_fpr),
+        "image_auroc": auroc(labels, scores),
+        "image_ap": average_precision(labels, scores),
+        "image_f1max": f1_max(labels, scores)[0],
     }
 
 
@@ -192,18 +246,21 @@ def category_metrics(
     exact_limit: int | None = None,
 ) -> dict[str, float]:
     """The seven metrics and mAD for one category: scores (N,), maps and masks (N, H, W)."""
-    values = {
-        "image_auroc": auroc(labels, scores),
-        "image_ap": average_precision(labels, scores),
-        "image_f1max": f1_max(labels, scores)[0],
-        **pixel_metrics(maps, masks, max_fpr, exact_limit),
-    }
-    finite = [v for v in values.values() if np.isfinite(v)]
-    # mAD averages the metrics that exist (pixel metrics need masks; AUROC needs both classes): how many is
-    # reported beside it, so a mAD of 3 image metrics is never mistaken for one of 7
-    values["mad"] = float(np.mean(finite)) if finite else float("nan")
-    values["mad_count"] = len(finite)
-    return values
+    return with_mad({**image_metrics(labels, scores), **pixel_metrics(maps, masks, max_fpr, exact_limit)})
+
+
+def summarize(per_category: dict[str, dict], binned: list[str]) -> dict:
+    """{"mean": {...}, "per_category": {...}}: the mean is over categories (NaNs skipped); categories whose pixel
+    metrics are binned approximations (within 1e-3) are listed under "pixel_metrics_binned"."""
+    names = next(iter(per_category.values())).keys()
+    mean = {}
+    for name in names:
+        finite = [m[name] for m in per_category.values() if np.isfinite(m[name])]
+        mean[name] = float(np.mean(finite)) if finite else float("nan")
+    result = {"mean": mean, "per_category": per_category}
+    if binned:
+        result["pixel_metrics_binned"] = binned
+    return result
 
 
 def evaluate_categories(
@@ -221,13 +278,5 @@ def evaluate_categories(
     for category in sorted(set(categories.tolist())):
         idx = categories == category
         per_category[category] = category_metrics(labels[idx], scores[idx], maps[idx], masks[idx], max_fpr, exact_limit)
-    names = next(iter(per_category.values())).keys()
-    mean = {}
-    for name in names:
-        finite = [m[name] for m in per_category.values() if np.isfinite(m[name])]
-        mean[name] = float(np.mean(finite)) if finite else float("nan")
-    result = {"mean": mean, "per_category": per_category}
     binned = [c for c in per_category if exact_limit is not None and maps[categories == c].size > exact_limit]
-    if binned:  # said where it happened: these categories' pixel metrics are approximations (within 1e-3)
-        result["pixel_metrics_binned"] = binned
-    return result
+    return summarize(per_category, binned)

@@ -127,30 +127,37 @@ def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> np.ndarray
     return np.clip(out, 0, 1)
 
 
-def gallery(
-    test: pd.DataFrame,
-    scores: np.ndarray,
-    maps: np.ndarray,
-    masks: np.ndarray,
-    thresholds: dict,
-    out_dir: Path,
-    per_kind: int = 2,
-) -> list[Path]:
-    """gallery_<category>.png: the worst false positives (highest-scoring normal images) and false negatives
-    (lowest-scoring defective images): input, ground truth, anomaly-map overlay, predicted mask."""
-    paths = []
-    size = maps.shape[-1]
+def gallery_picks(test: pd.DataFrame, scores: np.ndarray, per_kind: int = 2) -> dict[str, list[tuple[str, int]]]:
+    """Per category, the rows a gallery shows: the worst false positives (highest-scoring normal images) and
+    false negatives (lowest-scoring defective images), as (kind, row position)."""
+    picks = {}
     for category, rows in test.groupby("category"):
         idx = rows.index.to_numpy()
         normal = idx[rows.label.to_numpy() == 0]
         defective = idx[rows.label.to_numpy() == 1]
-        picks = [("false positive?", i) for i in normal[np.argsort(-scores[normal])][:per_kind]]
-        picks += [("false negative?", i) for i in defective[np.argsort(scores[defective])][:per_kind]]
-        if not picks:
-            continue
-        fig, axes = plt.subplots(len(picks), 4, figsize=(10, 2.6 * len(picks)), squeeze=False)
-        for row, (kind, i) in zip(axes, picks):
-            image = image_to_array(load_image(test.path[i]), size).transpose(1, 2, 0)
+        chosen = [("false positive?", int(i)) for i in normal[np.argsort(-scores[normal])][:per_kind]]
+        chosen += [("false negative?", int(i)) for i in defective[np.argsort(scores[defective])][:per_kind]]
+        if chosen:
+            picks[category] = chosen
+    return picks
+
+
+def gallery(
+    test: pd.DataFrame,
+    scores: np.ndarray,
+    picks: dict[str, list[tuple[str, int]]],
+    maps: dict[int, np.ndarray],
+    masks: dict[int, np.ndarray],
+    thresholds: dict,
+    out_dir: Path,
+) -> list[Path]:
+    """gallery_<category>.png of the ``gallery_picks`` rows: input, ground truth, anomaly-map overlay, predicted
+    mask; ``maps`` and ``masks`` hold the picked rows' (by row position)."""
+    paths = []
+    for category, chosen in picks.items():
+        fig, axes = plt.subplots(len(chosen), 4, figsize=(10, 2.6 * len(chosen)), squeeze=False)
+        for row, (kind, i) in zip(axes, chosen):
+            image = image_to_array(load_image(test.path[i]), maps[i].shape[-1]).transpose(1, 2, 0)
             predicted = maps[i] > threshold_for(thresholds, category, "pixel")
             decision = "anomalous" if scores[i] > threshold_for(thresholds, category) else "normal"
             panels = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,24 @@ def _collect(outputs: list) -> Scored:
     return Scored(scores, maps, extras)
 
 
+def score_batches(
+    model: AnomalyModel,
+    cache: FeatureCache,
+    image_ids: Sequence[str],
+    device: torch.device,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Iterator[tuple[slice, Scored]]:
+    """Score images of the feature cache by id a batch at a time: yields (positions in ``image_ids``, Scored), so a
+    caller can reduce each batch and keep nothing of it (only one batch of features and maps in memory)."""
+    model.eval().to(device)
+    ids = list(image_ids)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(ids), batch_size), desc="scoring", unit="batch", disable=not progress):
+            feats = cache.get(ids[start : start + batch_size])
+            yield slice(start, start + len(feats[0])), _collect([model.predict([f.to(device) for f in feats])])
+
+
 def score_cached(
     model: AnomalyModel,
     cache: FeatureCache,
@@ -39,15 +57,15 @@ def score_cached(
     batch_size: int = 16,
     progress: bool = True,
 ) -> Scored:
-    """Score images of the feature cache by id, a batch at a time (only one batch of features in memory)."""
-    model.eval().to(device)
-    outputs = []
-    ids = list(image_ids)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(ids), batch_size), desc="scoring", unit="batch", disable=not progress):
-            feats = cache.get(ids[start : start + batch_size])
-            outputs.append(model.predict([f.to(device) for f in feats]))
-    return _collect(outputs)
+    """Score images of the feature cache by id; every map is kept (for few images: see ``score_batches``)."""
+    batches = [scored for _, scored in score_batches(model, cache, image_ids, device, batch_size, progress)]
+    if not batches:
+        return _collect([])
+    return Scored(
+        np.concatenate([b.scores for b in batches]),
+        np.concatenate([b.maps for b in batches]),
+        {k: np.concatenate([b.extras[k] for b in batches]) for k in batches[0].extras},
+    )
 
 
 @torch.inference_mode()

@@ -145,13 +145,15 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
 
 def calibrate_thresholds(params: dict, model, manifest: pd.DataFrame, cache, device) -> dict:
     """Per-category thresholds from the validation split (normal images never trained on)."""
-    from .scoring import score_cached
-    from .thresholds import calibrate
+    from .scoring import score_batches
+    from .thresholds import Calibration
 
     p = section(params, "thresholds", ("target_frr", "pixel_fpr"))
     val = manifest[manifest.split == "val"].reset_index(drop=True)
-    scored = score_cached(model, cache, val.image_id.tolist(), device, progress=False)
-    return calibrate(val, scored.scores, scored.maps, float(p["target_frr"]), float(p["pixel_fpr"]))
+    calibration = Calibration(val, float(p["target_frr"]), float(p["pixel_fpr"]))
+    for _, scored in score_batches(model, cache, val.image_id.tolist(), device, progress=False):
+        calibration.add(scored.scores, scored.maps)
+    return calibration.result()
 
 
 def _channels(cache) -> list[int]:
@@ -165,10 +167,8 @@ def evaluate(params: dict) -> dict:
     from .backbones import resolve_device
     from .bundle import ModelBundle
     from .io import write_json
-    from .metrics import evaluate_categories
     from .plots import curve_data
     from .report import write_report
-    from .scoring import score_cached
 
     manifest, cache = _manifest_and_cache(params)
     out = section(params, "outputs", ("model", "metrics", "scores", "plots", "report"))
@@ -177,28 +177,56 @@ def evaluate(params: dict) -> dict:
     bundle = ModelBundle(out["model"])
     model, meta, thresholds = bundle.load_model(device), bundle.meta, bundle.thresholds
     test = manifest[manifest.split == "test"].reset_index(drop=True)
-    scored = score_cached(model, cache, test.image_id.tolist(), device, int(p.get("batch_size", 16)))
-    masks = ground_truth_masks(test, scored.maps.shape[-1])
     limit = p.get("exact_pixel_limit")
-    metrics = evaluate_categories(
-        test.category.to_numpy(),
-        test.label.to_numpy(),
-        scored.scores,
-        scored.maps,
-        masks,
+    metrics, scores, extras = measure_test_split(
+        model,
+        cache,
+        test,
+        device,
+        int(p.get("batch_size", 16)),
         float(p.get("max_fpr", 0.3)),
         None if limit is None else int(limit),
     )
-    metrics["at_threshold"] = decisions(test, scored.scores, thresholds)
+    metrics["at_threshold"] = decisions(test, scores, thresholds)
     metrics["epochs"] = meta.get("epochs")
     metrics["model"] = meta["model"]
     write_json(out["metrics"], metrics)
-    write_scores(test, scored, out["scores"])
-    plot_paths = make_plots(test, scored, masks, metrics, thresholds, Path(out["plots"]))
-    curve_data(test, scored.scores, metrics, Path(out.get("curves") or Path(out["metrics"]).parent / "curves"))
+    write_scores(test, scores, extras, out["scores"])
+    plot_paths = make_plots(test, scores, metrics, thresholds, Path(out["plots"]), model, cache, device)
+    curve_data(test, scores, metrics, Path(out.get("curves") or Path(out["metrics"]).parent / "curves"))
     write_report(params, meta, metrics, manifest, plot_paths, out["report"])
     timing.record(params, "evaluate", fps=inference_fps(bundle, model, test, device))
     return metrics
+
+
+def measure_test_split(
+    model, cache, test: pd.DataFrame, device, batch_size: int, max_fpr: float, exact_limit: int | None
+) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
+    """Metrics of the test rows, scored one category at a time and a batch at a time (each batch of maps is
+    reduced and dropped: pixel metrics hold at most ``exact_limit`` pixels, then go binned), the score of every
+    row and its per-image extras (e.g. concept ids)."""
+    from .metrics import PixelMetrics, image_metrics, summarize, with_mad
+    from .scoring import score_batches
+
+    scores = np.full(len(test), np.nan)
+    extras: dict[str, np.ndarray] = {}
+    per_category, binned = {}, []
+    for category, rows in test.groupby("category", sort=True):
+        pixels = PixelMetrics(exact_limit)
+        for positions, scored in score_batches(model, cache, rows.image_id.tolist(), device, batch_size):
+            batch = rows.iloc[positions]
+            scores[batch.index] = scored.scores
+            for key, values in scored.extras.items():
+                if values.ndim == 1:
+                    extras.setdefault(key, np.zeros(len(test), dtype=values.dtype))[batch.index] = values
+            pixels.add(scored.maps, ground_truth_masks(batch, scored.maps.shape[-1]))
+        in_category = rows.index.to_numpy()
+        per_category[category] = with_mad(
+            {**image_metrics(test.label.to_numpy()[in_category], scores[in_category]), **pixels.metrics(max_fpr)}
+        )
+        if pixels.binned:
+            binned.append(category)
+    return summarize(per_category, binned), scores, extras
 
 
 def ground_truth_masks(test: pd.DataFrame, size: int) -> np.ndarray:
@@ -228,30 +256,35 @@ def decisions(test: pd.DataFrame, scores: np.ndarray, thresholds: dict) -> dict:
     return result
 
 
-def write_scores(test: pd.DataFrame, scored, path: str) -> None:
+def write_scores(test: pd.DataFrame, scores: np.ndarray, extras: dict[str, np.ndarray], path: str) -> None:
     """metrics/scores.csv: one row per test image with its score and the model's per-image extras."""
     from .io import atomic_path
 
     frame = test[["image_id", "category", "label", "defect_type"]].copy()
-    frame["score"] = scored.scores
-    for key, values in scored.extras.items():
-        if values.ndim == 1:
-            frame[key] = values
+    frame["score"] = scores
+    for key, values in extras.items():
+        frame[key] = values
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.8g")
 
 
-def make_plots(test, scored, masks, metrics: dict, thresholds: dict, plot_dir: Path) -> list[Path]:
+def make_plots(test, scores, metrics: dict, thresholds: dict, plot_dir: Path, model, cache, device) -> list[Path]:
+    """Curves, bars and histograms from the scores; the gallery images' maps are scored again (a few images)."""
     from . import plots
+    from .scoring import score_cached
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     for stale in plot_dir.glob("gallery_*.png"):
         stale.unlink()
+    picks = plots.gallery_picks(test, scores)
+    shown = sorted({i for category_picks in picks.values() for _, i in category_picks})
+    maps = score_cached(model, cache, test.image_id[shown].tolist(), device, progress=False).maps if shown else []
+    masks = ground_truth_masks(test.iloc[shown], maps.shape[-1]) if shown else []
     return [
-        *plots.curves(test, scored.scores, plot_dir),
+        *plots.curves(test, scores, plot_dir),
         plots.metric_bars(metrics, plot_dir / "metrics_per_category.png"),
-        plots.score_histograms(test, scored.scores, thresholds, plot_dir / "score_histograms.png"),
-        *plots.gallery(test, scored.scores, scored.maps, masks, thresholds, plot_dir),
+        plots.score_histograms(test, scores, thresholds, plot_dir / "score_histograms.png"),
+        *plots.gallery(test, scores, picks, dict(zip(shown, maps)), dict(zip(shown, masks)), thresholds, plot_dir),
     ]
 
 
