@@ -222,31 +222,18 @@ def pixel_metrics(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3, exa
     return pixels.metrics(max_fpr)
 
 
-def with_mad(values: dict[str, float]) -> dict[str, float]:
-    """``values`` plus mAD, the mean of the metrics that exist (pixel metrics need masks; AUROC needs both
-    classes), and how many that is, so a mAD of 3 image metrics is never mistaken for one of 7."""
-    finite = [v for v in values.values() if np.isfinite(v)]
-    return {**values, "mad": float(np.mean(finite)) if finite else float("nan"), "mad_count": len(finite)}
-
-
-def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    return {
+def category_metrics(labels: np.ndarray, scores: np.ndarray, pixels: PixelMetrics, max_fpr: float = 0.3) -> dict:
+    """The seven metrics and mAD for one category: its labels and scores (N,) and its accumulated pixels."""
+    values = {
         "image_auroc": auroc(labels, scores),
         "image_ap": average_precision(labels, scores),
         "image_f1max": f1_max(labels, scores)[0],
+        **pixels.metrics(max_fpr),
     }
-
-
-def category_metrics(
-    labels: np.ndarray,
-    scores: np.ndarray,
-    maps: np.ndarray,
-    masks: np.ndarray,
-    max_fpr: float = 0.3,
-    exact_limit: int | None = None,
-) -> dict[str, float]:
-    """The seven metrics and mAD for one category: scores (N,), maps and masks (N, H, W)."""
-    return with_mad({**image_metrics(labels, scores), **pixel_metrics(maps, masks, max_fpr, exact_limit)})
+    finite = [v for v in values.values() if np.isfinite(v)]
+    # mAD averages the metrics that exist (pixel metrics need masks; AUROC needs both classes): how many is
+    # reported beside it, so a mAD of 3 image metrics is never mistaken for one of 7
+    return {**values, "mad": float(np.mean(finite)) if finite else float("nan"), "mad_count": len(finite)}
 
 
 def summarize(per_category: dict[str, dict], binned: list[str]) -> dict:
@@ -274,9 +261,12 @@ def evaluate_categories(
 ) -> dict:
     """{"mean": {...}, "per_category": {category: {...}}}; the mean is over categories (NaNs skipped). Pixel
     metrics of a category with more than ``exact_limit`` pixels are binned (``PixelHistogram``)."""
-    per_category = {}
+    per_category, binned = {}, []
     for category in sorted(set(categories.tolist())):
         idx = categories == category
-        per_category[category] = category_metrics(labels[idx], scores[idx], maps[idx], masks[idx], max_fpr, exact_limit)
-    binned = [c for c in per_category if exact_limit is not None and maps[categories == c].size > exact_limit]
+        pixels = PixelMetrics(exact_limit)
+        pixels.add(maps[idx], masks[idx])
+        per_category[category] = category_metrics(labels[idx], scores[idx], pixels, max_fpr)
+        if pixels.binned:
+            binned.append(category)
     return summarize(per_category, binned)

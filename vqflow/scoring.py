@@ -23,12 +23,20 @@ class Scored:
     extras: dict[str, np.ndarray]
 
 
-def _collect(outputs: list) -> Scored:
-    scores = np.concatenate([o.scores.cpu().numpy() for o in outputs]).astype(np.float64)
-    maps = np.concatenate([o.maps.cpu().numpy() for o in outputs]).astype(np.float32)
-    keys = outputs[0].extras.keys() if outputs else []
-    extras = {k: np.concatenate([o.extras[k].cpu().numpy() for o in outputs]) for k in keys}
-    return Scored(scores, maps, extras)
+def _to_numpy(prediction) -> Scored:
+    extras = {k: v.cpu().numpy() for k, v in prediction.extras.items()}
+    return Scored(
+        prediction.scores.cpu().numpy().astype(np.float64), prediction.maps.cpu().numpy().astype(np.float32), extras
+    )
+
+
+def concatenate(parts: Sequence[Scored]) -> Scored:
+    """One Scored of several, in order."""
+    return Scored(
+        np.concatenate([p.scores for p in parts]),
+        np.concatenate([p.maps for p in parts]),
+        {k: np.concatenate([p.extras[k] for p in parts]) for k in parts[0].extras},
+    )
 
 
 def score_batches(
@@ -46,26 +54,12 @@ def score_batches(
     with torch.inference_mode():
         for start in tqdm(range(0, len(ids), batch_size), desc="scoring", unit="batch", disable=not progress):
             feats = cache.get(ids[start : start + batch_size])
-            yield slice(start, start + len(feats[0])), _collect([model.predict([f.to(device) for f in feats])])
+            yield slice(start, start + len(feats[0])), _to_numpy(model.predict([f.to(device) for f in feats]))
 
 
-def score_cached(
-    model: AnomalyModel,
-    cache: FeatureCache,
-    image_ids: Sequence[str],
-    device: torch.device,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> Scored:
-    """Score images of the feature cache by id; every map is kept (for few images: see ``score_batches``)."""
-    batches = [scored for _, scored in score_batches(model, cache, image_ids, device, batch_size, progress)]
-    if not batches:
-        return _collect([])
-    return Scored(
-        np.concatenate([b.scores for b in batches]),
-        np.concatenate([b.maps for b in batches]),
-        {k: np.concatenate([b.extras[k] for b in batches]) for k in batches[0].extras},
-    )
+def score_cached(*args, **kwargs) -> Scored:
+    """``score_batches`` (same arguments) with every batch kept: for a few images, or callers that need all maps."""
+    return concatenate([scored for _, scored in score_batches(*args, **kwargs)])
 
 
 @torch.inference_mode()
@@ -73,4 +67,4 @@ def score_images(model: AnomalyModel, backbone: FeaturePyramid, images: torch.Te
     """Score a batch of preprocessed images (B, 3, S, S) in [0, 1]: backbone, then the model."""
     model.eval().to(device)
     backbone.to(device)
-    return _collect([model.predict(backbone(images.to(device)))])
+    return _to_numpy(model.predict(backbone(images.to(device))))

@@ -205,7 +205,7 @@ def measure_test_split(
     """Metrics of the test rows, scored one category at a time and a batch at a time (each batch of maps is
     reduced and dropped: pixel metrics hold at most ``exact_limit`` pixels, then go binned), the score of every
     row and its per-image extras (e.g. concept ids)."""
-    from .metrics import PixelMetrics, image_metrics, summarize, with_mad
+    from .metrics import PixelMetrics, category_metrics, summarize
     from .scoring import score_batches
 
     scores = np.full(len(test), np.nan)
@@ -221,8 +221,8 @@ def measure_test_split(
                     extras.setdefault(key, np.zeros(len(test), dtype=values.dtype))[batch.index] = values
             pixels.add(scored.maps, ground_truth_masks(batch, scored.maps.shape[-1]))
         in_category = rows.index.to_numpy()
-        per_category[category] = with_mad(
-            {**image_metrics(test.label.to_numpy()[in_category], scores[in_category]), **pixels.metrics(max_fpr)}
+        per_category[category] = category_metrics(
+            test.label.to_numpy()[in_category], scores[in_category], pixels, max_fpr
         )
         if pixels.binned:
             binned.append(category)
@@ -278,13 +278,16 @@ def make_plots(test, scores, metrics: dict, thresholds: dict, plot_dir: Path, mo
         stale.unlink()
     picks = plots.gallery_picks(test, scores)
     shown = sorted({i for category_picks in picks.values() for _, i in category_picks})
-    maps = score_cached(model, cache, test.image_id[shown].tolist(), device, progress=False).maps if shown else []
-    masks = ground_truth_masks(test.iloc[shown], maps.shape[-1]) if shown else []
+    maps, masks = {}, {}
+    if shown:
+        scored = score_cached(model, cache, test.image_id[shown].tolist(), device, progress=False)
+        maps = dict(zip(shown, scored.maps))
+        masks = dict(zip(shown, ground_truth_masks(test.iloc[shown], scored.maps.shape[-1])))
     return [
         *plots.curves(test, scores, plot_dir),
         plots.metric_bars(metrics, plot_dir / "metrics_per_category.png"),
         plots.score_histograms(test, scores, thresholds, plot_dir / "score_histograms.png"),
-        *plots.gallery(test, scores, picks, dict(zip(shown, maps)), dict(zip(shown, masks)), thresholds, plot_dir),
+        *plots.gallery(test, scores, picks, maps, masks, thresholds, plot_dir),
     ]
 
 
