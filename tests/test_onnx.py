@@ -16,7 +16,13 @@ from vqflow.data.images import load_image
 from vqflow.inference import Predictor
 
 # small enough to train in seconds; cflow and vitad are served on ONNX Runtime in test_serving_models.py
-TINY_SECTIONS = {"vqflow": None, "msflow": None, "padim": {"smoothing_sigma": 2.0}}  # None: the project's section
+# case -> (model name, section overrides); the flow models take the project's vqflow section with the overrides
+TINY_CASES = {
+    "vqflow": ("vqflow", {}),
+    "vqflow+global_gaussian": ("vqflow", {"global_gaussian": True}),
+    "msflow": ("msflow", {}),
+    "padim": ("padim", {"smoothing_sigma": 2.0}),
+}
 
 
 def _test_images(params) -> list:
@@ -28,16 +34,17 @@ def _close(onnx: np.ndarray, torch_: np.ndarray, tolerance: float) -> bool:
     return float(np.abs(onnx - torch_).max()) <= tolerance * max(1.0, float(np.abs(torch_).max()))
 
 
-@pytest.mark.parametrize("name", sorted(TINY_SECTIONS))
-def test_every_model_exports_and_onnx_runtime_equals_torch_on_the_test_images(name, trained_project, tmp_path):
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_every_model_exports_and_onnx_runtime_equals_torch_on_the_test_images(case, trained_project, tmp_path):
     from vqflow import stages
 
     _, project = trained_project
     params = copy.deepcopy(project)  # the project's features, a model of its own
+    name, overrides = TINY_CASES[case]
     if name in ("vqflow", "msflow"):  # msflow reads the vqflow section
-        params["model"] = {**project["model"], "name": name}
+        params["model"] = {**project["model"], "name": name, "vqflow": {**project["model"]["vqflow"], **overrides}}
     else:
-        params["model"] = {"name": name, name: TINY_SECTIONS[name]}
+        params["model"] = {"name": name, name: overrides}
     params["train"] = {**params["train"], "epochs": 1, "onnx": True}
     params["outputs"] = {**params["outputs"], "model": str(tmp_path / "model"), "checkpoints": str(tmp_path / "ck")}
     stages.train(params)
@@ -47,9 +54,9 @@ def test_every_model_exports_and_onnx_runtime_equals_torch_on_the_test_images(na
     reference = Predictor(tmp_path / "model", "cpu").predict(images)
     onnx = Predictor(tmp_path / "model", "cpu", runtime="onnx", threads=1).predict(images)
     scores = np.array([r.score for r in reference]), np.array([r.score for r in onnx])
-    assert _close(scores[1], scores[0], 1e-4), (name, np.abs(scores[1] - scores[0]).max())
+    assert _close(scores[1], scores[0], 1e-4), (case, np.abs(scores[1] - scores[0]).max())
     for ours, theirs in zip(onnx, reference):
-        assert _close(ours.anomaly_map, theirs.anomaly_map, 1e-3), name
+        assert _close(ours.anomaly_map, theirs.anomaly_map, 1e-3), case
         assert ours.concept == theirs.concept
         assert ours.threshold == theirs.threshold
     assert np.argsort(scores[1]).tolist() == np.argsort(scores[0]).tolist()  # the same ranking of the test images

@@ -263,3 +263,73 @@ def test_position_normalization_standardises_each_scale_with_the_training_statis
 def _encoded(model, features):
     zs, _, proto_q, _ = model.encode(features)
     return zs, proto_q
+
+
+@pytest.mark.parametrize("images", [40, 6])  # more and fewer training images than channels (shrinkage needed)
+def test_pooled_gaussian_equals_sklearn_ledoit_wolf_mahalanobis(images):
+    from sklearn.covariance import LedoitWolf
+
+    from vqflow.models.global_density import PooledGaussian
+
+    g = torch.Generator().manual_seed(images)
+    mixing = torch.randn(10, 10, generator=g)
+    train = torch.randn(images, 10, generator=g) @ mixing + 3.0
+    test = torch.randn(7, 10, generator=g) @ mixing * 1.5 + 3.0
+    density = PooledGaussian(10)
+    density.fit(train)
+    reference = LedoitWolf().fit(train.double().numpy())
+    expected = -0.5 * reference.mahalanobis(test.double().numpy()) / 10  # sklearn: squared distances
+    np.testing.assert_allclose(density.log_density(test).numpy(), expected, rtol=1e-4)
+    nll = 0.5 * reference.mahalanobis(train.double().numpy()) / 10
+    assert float(density.nll_mean) == pytest.approx(nll.mean(), rel=1e-4)
+    assert float(density.nll_std) == pytest.approx(nll.std(), rel=1e-4)
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        PooledGaussian(10).fit(train[:1])
+
+
+@pytest.mark.parametrize("normalization, weight", [("train", 1.0), ("train", 3.0), ("position", 2.0)])
+def test_global_gaussian_is_a_fourth_scale_of_the_detection_map(normalization, weight):
+    """The image score with the global term = the top-k mean of the local detection map plus the pooled stride-32
+    feature's weighted -log p (train) or standardised -log p (position) at every pixel; the training reference c
+    includes the term; the anomaly map does not change."""
+    from sklearn.covariance import LedoitWolf
+
+    from vqflow.models.anomaly_map import log_map, top_k_score
+
+    model = _model(normalization=normalization, global_gaussian=True, global_weight=weight)
+    batches = [tiny_features(4, seed=s) for s in (5, 6, 7)]
+    with torch.no_grad():
+        model.fit_statistics(batches)
+        pooled = torch.cat([b[3].mean((2, 3)) for b in batches])
+        reference = LedoitWolf().fit(pooled.double().numpy())
+        test = tiny_features(3, seed=9)
+        pooled_test = test[3].mean((2, 3)).double().numpy()
+        nll = torch.from_numpy(0.5 * reference.mahalanobis(pooled_test) / TINY["in_channels"][3]).float()
+        log_p = model.log_p_maps(*_encoded(model, test))
+        if normalization == "train":
+            train_nll = torch.from_numpy(0.5 * reference.mahalanobis(pooled.double().numpy()) / TINY["in_channels"][3])
+            train_nll = train_nll.float()
+            train_totals = torch.cat(
+                [log_map(model.log_p_maps(*_encoded(model, b)), 32, torch.zeros(())) for b in batches]
+            )
+            c = (-train_totals.flatten(1).amin(1) - weight * train_nll).max()
+            assert float(model.log_p_max[3]) == pytest.approx(float(c), abs=1e-4)
+            local = log_map(log_p, 32, model.log_p_max[3])
+            expected = top_k_score(local + weight * nll[:, None, None], model.config.top_k)
+        else:
+            spread = (nll - model.global_density.nll_mean) / model.global_density.nll_std
+            expected = top_k_score(model.position_map(log_p) + weight * spread[:, None, None], model.config.top_k)
+        prediction = model.predict(test)
+        torch.testing.assert_close(prediction.scores, expected, atol=1e-4, rtol=1e-4)
+        model.config.global_gaussian = False
+        without = model.predict(test)
+        assert torch.equal(without.maps, prediction.maps)
+        assert not torch.allclose(without.scores, prediction.scores)
+
+
+def test_global_gaussian_needs_a_training_reference_and_msflow_keeps_it_off():
+    with pytest.raises(ValueError, match="global_gaussian.*normalization: image"):
+        make_config("vqflow", {**TINY, "global_gaussian": True, "normalization": "image"})
+    with pytest.raises(ValueError, match="global_weight must be > 0"):
+        make_config("vqflow", {**TINY, "global_gaussian": True, "global_weight": 0})
+    assert not make_config("msflow", {**TINY, "global_gaussian": True}).global_gaussian

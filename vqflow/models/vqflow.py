@@ -13,6 +13,10 @@ encoding + fusion flow, N(0, I) base.
 - Scores (``normalization``): ``train``: image = top-k mean of c - sum_l log p_l, c fitted on training images;
   ``position``: top-k mean of sum_l z_l, each scale's -log p_l standardised per position with its mean and std
   over the training images; ``image``: MSFlow's per-image normalisation. The map is MSFlow's add map.
+- ``global_gaussian``: the image's pooled stride-32 feature (the CPC's input, before its projection) gets a
+  Gaussian density fitted on the training images (Ledoit-Wolf covariance) and enters the detection map as a fourth,
+  1 x 1 scale: its log p per dimension (times ``global_weight``) is added to every pixel. A wrong kind of object is far from the training
+  images as a whole even where no single patch is unusual (semantic anomalies, CIFAR-10); the anomaly map stays local.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
 from .base import AnomalyModel, Prediction, StepOutput
 from .cadm import ConceptGaussian, mixture_log_density, summed_log_density
 from .flows import FusionCoupling, parallel_flow
+from .global_density import PooledGaussian
 from .layers import conv_bn, mlp_bn, positional_encoding_2d
 from .quantize import VectorQuantizer
 
@@ -58,6 +63,8 @@ class VQFlowConfig:
     top_k: float = 0.03
     normalization: str = "train"  # train: relative to the training images' max | image: to each image's own max
     # | position: score from -log p_l standardised per position (training mean/std)
+    global_gaussian: bool = False  # a Gaussian on the pooled stride-32 feature as a 1 x 1 fourth detection scale
+    global_weight: float = 1.0  # its weight: 1 = one more scale; 3 = as much as the three local scales together
 
     # what a model saved before these fields existed was built with (load_model fills absent fields from here)
     LEGACY_VALUES: ClassVar[dict] = {
@@ -90,6 +97,15 @@ class VQFlowConfig:
             raise ValueError("model.cadm_mixture: soft is a mixture base density: it needs cadm_placement: fusion")
         if self.normalization not in ("image", "train", "position"):
             raise ValueError(f"model.normalization must be position, train or image, got {self.normalization!r}")
+        if self.global_gaussian and self.normalization == "image":
+            raise ValueError(
+                "model.global_gaussian adds one value per image to the detection map, which normalization: image "
+                "subtracts again (each image's own max): use normalization train or position"
+            )
+        if self.global_weight <= 0:
+            raise ValueError(
+                f"model.global_weight must be > 0 (switch the term off with global_gaussian), got {self.global_weight}"
+            )
         if self.cspc and self.cspc_mode == "residual" and not (self.cpc or self.pe):
             raise ValueError("model.cspc (residual) quantises w.r.t. [PE ; prototype]: turn on cpc or pe, or use naive")
 
@@ -144,6 +160,8 @@ class VQFlow(AnomalyModel):
             for l, size in enumerate(cfg.scale_sizes):
                 self.register_buffer(f"nll_mean_{l}", torch.zeros(size, size))
                 self.register_buffer(f"nll_std_{l}", torch.ones(size, size))
+        if cfg.global_gaussian:
+            self.global_density = PooledGaussian(cfg.in_channels[3])
         self.codebook_sizes = {}
         if cfg.cpc:
             self.codebook_sizes["cpc"] = cfg.num_prototypes
@@ -308,16 +326,25 @@ class VQFlow(AnomalyModel):
         peak = torch.full_like(self.log_p_max, -torch.inf)
         position = self.config.normalization == "position"
         count, sums, squares = 0, [0.0] * 3, [0.0] * 3
+        image_peaks, pooled = [], []
         for features in batches:
             zs, _, proto_q, _ = self.encode(features)
             log_p = self.log_p_maps(zs, proto_q)
             total = sum(upsample(m, self.config.image_size) for m in log_p)
             peak = torch.maximum(peak, torch.stack([m.amax() for m in log_p] + [total.amax()]))
+            if self.config.global_gaussian:  # the max of the total needs the global term fitted on all images
+                image_peaks.append(total.flatten(1).amax(1))
+                pooled.append(features[3].mean((2, 3)))
             for l, m in enumerate(log_p if position else []):
                 nll = -m.double()
                 sums[l] = sums[l] + nll.sum(0)
                 squares[l] = squares[l] + (nll * nll).sum(0)
             count += len(zs[0])
+        if self.config.global_gaussian:
+            pooled = torch.cat(pooled)
+            self.global_density.fit(pooled)
+            global_log_p = self.config.global_weight * self.global_density.log_density(pooled)
+            peak[3] = (torch.cat(image_peaks) + global_log_p).max()
         self.log_p_max.copy_(peak)
         if not position:
             return
@@ -347,6 +374,13 @@ class VQFlow(AnomalyModel):
             detection = self.position_map(log_p)
         else:
             detection = log_map(log_p, size, reference[3] if reference is not None else None)
+        if self.config.global_gaussian:  # the 1 x 1 fourth scale: the same value added to every pixel
+            pooled = features[3].mean((2, 3))
+            weight = self.config.global_weight
+            if self.config.normalization == "position":
+                detection = detection + weight * self.global_density.standardized_nll(pooled)[:, None, None]
+            else:
+                detection = detection - weight * self.global_density.log_density(pooled)[:, None, None]
         anomaly_map = add_map(log_p, size, reference[:3] if reference is not None else None)
         return Prediction(top_k_score(detection, self.config.top_k), anomaly_map, extras)
 
@@ -357,6 +391,11 @@ def build_vqflow(config: VQFlowConfig) -> VQFlow:
 
 
 # the published MSFlow: parallel flows conditioned on a 2-D positional encoding, fusion flow, N(0, I) base
-@register_model("msflow", VQFlowConfig, {"cpc": False, "cspc": False, "cadm": False, "pe": True}, section="vqflow")
+@register_model(
+    "msflow",
+    VQFlowConfig,
+    {"cpc": False, "cspc": False, "cadm": False, "pe": True, "global_gaussian": False},
+    section="vqflow",
+)
 def build_msflow(config: VQFlowConfig) -> VQFlow:
     return VQFlow(config)
