@@ -69,6 +69,15 @@ def variant_params(base: dict, work: Path, name: str) -> dict:
     return params
 
 
+def ablation_base(suite: str, shared: str) -> tuple[dict, Path]:
+    """(params every row starts from, work dir) of a suite: the suite's params with its own manifest and cache."""
+    work = ROOT / "bench/.work/ablation" / suite
+    base = suite_params(yaml.safe_load((ROOT / "params.yaml").read_text()), suite, shared)
+    base["prepare"]["manifest"] = str(work / "manifest.csv")
+    base["features"]["cache"] = str(work / "features")
+    return base, work
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="default", choices=["default", "real"])
@@ -78,10 +87,7 @@ def main() -> None:
 
     from vqflow import stages, timing
 
-    work = ROOT / "bench/.work/ablation" / args.suite
-    base = suite_params(yaml.safe_load((ROOT / "params.yaml").read_text()), args.suite, args.shared)
-    base["prepare"]["manifest"] = str(work / "manifest.csv")
-    base["features"]["cache"] = str(work / "features")
+    base, work = ablation_base(args.suite, args.shared)
     if args.suite == "default":
         stages.generate(base)
     stages.prepare(base)

@@ -1,8 +1,9 @@
 """How a trained VQ-Flow turns per-pixel likelihoods into an image score: every candidate rule on the same model.
 
     python bench/experiments.py run --suite default --models vqflow      # the model to score, then:
-    python bench/score_rules.py --suite default --experiment default-vqflow
+    python bench/score_rules.py --suite default --experiment default-vqflow   # or --workspace (`make run`'s model)
     python bench/score_rules.py --suite real --experiment real-vqflow
+    python bench/score_rules.py --suite real --ablation-variant "+CPC+CADM+CSPC = vqflow"   # or a bench/ablation.py row
 
 Computes the model's per-scale log p maps once for the training images, the validation images and the test
 images, and scores them with each rule. Two columns per rule:
@@ -32,9 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
 from bench.experiments import restore_committed  # noqa: E402
+from vqflow.io import read_json  # noqa: E402
 
 DEFECTS = ("patch", "spot", "scratch")
 OUR_RULE = "top 3 % of c_train - sum_l log p_l (MSFlow's top-k, training reference, log domain)"
+GLOBAL_RULE = "our rule + {weight} x -log p of the pooled stride-32 feature (`global_gaussian`, weight {weight})"
 POSITION_RULE = "top 3 % of sum_l z_l, z_l = -log p_l standardised per position on the training images"
 
 
@@ -94,15 +97,17 @@ def validation_images(manifest, size: int, seed: int = 0) -> tuple[list[np.ndarr
     return images, np.array(categories), np.array(labels)
 
 
-def log_p_maps(model, feature_batches) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-scale log p maps (3 tensors (N, h, w)) and the total log-likelihood (N,) of the feature batches."""
-    maps, totals = [], []
+def log_p_maps(model, feature_batches) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-scale log p maps (3 tensors (N, h, w)), the total log-likelihood (N,) and the pooled stride-32 features
+    (N, C) of the feature batches."""
+    maps, totals, pooled = [], [], []
     with torch.inference_mode():
         for features in feature_batches:
             zs, logdet, proto_q, _ = model.encode(features)
             maps.append(model.log_p_maps(zs, proto_q))
             totals.append(model.log_likelihood(zs, logdet, proto_q))
-    return [torch.cat([m[level] for m in maps]) for level in range(3)], torch.cat(totals)
+            pooled.append(features[3].float().mean((2, 3)))
+    return [torch.cat([m[level] for m in maps]) for level in range(3)], torch.cat(totals), torch.cat(pooled)
 
 
 def cached(cache, ids: list[str]):
@@ -116,9 +121,11 @@ def extracted(backbone, images: list[np.ndarray]):
             yield [f.float() for f in backbone(torch.from_numpy(np.stack(images[start : start + 16])))]
 
 
-def rule_scores(maps, log_likelihood, train_maps, size: int) -> dict[str, torch.Tensor]:
-    """Every candidate image score of the images whose maps are ``maps``; references from ``train_maps``."""
+def rule_scores(maps, log_likelihood, pooled, train_maps, train_pooled, size: int) -> dict[str, torch.Tensor]:
+    """Every candidate image score of the images whose maps are ``maps``; references from ``train_maps`` (and the
+    global Gaussian from ``train_pooled``)."""
     from vqflow.models.anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
+    from vqflow.models.global_density import PooledGaussian
 
     def z_sum(per_position: bool) -> torch.Tensor:
         """sum_l upsample((-log p_l - mean_l) / std_l), training statistics per position or per scale."""
@@ -134,6 +141,9 @@ def rule_scores(maps, log_likelihood, train_maps, size: int) -> dict[str, torch.
     train_relative, image_relative = log_map(maps, size, total_max), log_map(maps, size)
     position, per_scale = z_sum(True), z_sum(False)
     added = add_map(maps, size, scale_max)
+    density = PooledGaussian(train_pooled.shape[1])
+    density.fit(train_pooled)
+    global_nll = -density.log_density(pooled)
     return {
         OUR_RULE: top_k_score(train_relative, 0.03),
         "top 1 % of c_train - sum_l log p_l": top_k_score(train_relative, 0.01),
@@ -149,6 +159,10 @@ def rule_scores(maps, log_likelihood, train_maps, size: int) -> dict[str, torch.
         "top 1 % of sum_l z_l (per position)": top_k_score(position, 0.01),
         "max of sum_l z_l (per position)": position.flatten(1).amax(1),
         "top 3 % of sum_l z_l, standardised per scale (one mean and std per scale)": top_k_score(per_scale, 0.03),
+        # a constant per image: top-k(map + g) = top-k(map) + g; c_train only shifts every score alike
+        GLOBAL_RULE.format(weight=1): top_k_score(train_relative, 0.03) + global_nll,
+        GLOBAL_RULE.format(weight=3): top_k_score(train_relative, 0.03) + 3 * global_nll,
+        "the global term alone: -log p of the pooled stride-32 feature": global_nll,
     }
 
 
@@ -168,11 +182,13 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     bundle = ModelBundle(model_dir)
     model, backbone = bundle.load_model("cpu").eval(), bundle.load_backbone("cpu").eval()
     size = model.config.image_size
-    train_maps, _ = log_p_maps(model, cached(cache, manifest[manifest.split == "train"].image_id.tolist()))
+    train_maps, _, train_pooled = log_p_maps(
+        model, cached(cache, manifest[manifest.split == "train"].image_id.tolist())
+    )
     val_images, val_categories, val_labels = validation_images(manifest, size)
-    val = rule_scores(*log_p_maps(model, extracted(backbone, val_images)), train_maps, size)
+    val = rule_scores(*log_p_maps(model, extracted(backbone, val_images)), train_maps, train_pooled, size)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
-    scored = rule_scores(*log_p_maps(model, cached(cache, test.image_id.tolist())), train_maps, size)
+    scored = rule_scores(*log_p_maps(model, cached(cache, test.image_id.tolist())), train_maps, train_pooled, size)
     names = sorted(set(test.category))
     results = {}
     for rule in scored:
@@ -207,22 +223,87 @@ def chosen_rule(params: dict) -> str:
     return POSITION_RULE if params["model"]["vqflow"].get("normalization") == "position" else OUR_RULE
 
 
+MARGIN = 0.005  # the decision rule, written down before any figure: see decision_table
+
+
+def decision_table(default: dict, real: dict) -> str:
+    """The rule that decides the default: a candidate replaces ours only if its validation AUROC averaged over the
+    default and the real suite beats ours by more than 0.5 points without losing more than 0.5 on either suite."""
+    ours = [default[OUR_RULE]["validation"]["mean"], real[OUR_RULE]["validation"]["mean"]]
+    lines = [
+        "| image score rule | validation: default | validation: real | mean | vs ours | replaces ours |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for rule in default:
+        values = [default[rule]["validation"]["mean"], real[rule]["validation"]["mean"]]
+        gain = (values[0] + values[1] - ours[0] - ours[1]) / 2
+        wins = rule != OUR_RULE and gain > MARGIN and min(v - o for v, o in zip(values, ours)) >= -MARGIN
+        cells = [f"{100 * v:.1f}" for v in values] + [f"{50 * sum(values):.1f}", f"{100 * gain:+.1f}"]
+        lines.append(f"| {rule} | " + " | ".join(cells) + f" | {'**yes**' if wins else 'no'} |")
+    return "\n".join(lines)
+
+
 def write_table(suite: str, results: dict, table: str, source: str) -> None:
     md = write_results(f"score_rules_{suite}", {"suite": suite, "model": source, "rules": results}, table)
     replace_readme_block(ROOT / "README.md", f"score_rules:{suite}", md.read_text())
     print(md.read_text())
+    suites = {name: RESULTS / f"score_rules_{name}.json" for name in ("default", "real")}
+    if all(path.is_file() for path in suites.values()):
+        default, real = (read_json(path)["rules"] for path in suites.values())
+        if set(default) == set(real):  # both tables have every candidate (else: the other suite is not re-run yet)
+            note = (
+                "\n\nFrom bench/results/score_rules_default.json and score_rules_real.json (validation columns only; "
+                "the test split never enters the decision)."
+            )
+            md = write_results("score_rules_decision", {"margin": MARGIN}, decision_table(default, real) + note)
+            replace_readme_block(ROOT / "README.md", "score_rules:decision", md.read_text())
+
+
+def ablation_run(suite: str, variant: str) -> tuple[dict, Path]:
+    """(params, model dir) of a trained row of bench/ablation.py (its work dir, the same params it trained with)."""
+    from bench.ablation import VARIANTS, ablation_base, variant_params
+    from vqflow import stages
+
+    if variant not in VARIANTS:
+        raise SystemExit(f"--ablation-variant {variant!r}: not a row of bench/ablation.py ({list(VARIANTS)})")
+    base, work = ablation_base(suite, str(ROOT.parent / "shared"))
+    params = variant_params(base, work, variant)
+    model_dir = Path(params["outputs"]["model"])
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"{model_dir}: not trained yet (python bench/ablation.py --suite {suite} --variants ...)")
+    stages.features(params)  # the cache in the current layout (extracts only what is missing)
+    return params, model_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="default", choices=["default", "real"])
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--experiment",
-        required=True,
         help="the DVC experiment whose trained model is scored (`dvc exp apply` into the workspace, restored to "
         "HEAD afterwards), e.g. default-vqflow from bench/experiments.py",
     )
+    source.add_argument(
+        "--ablation-variant",
+        help="a trained row of bench/ablation.py for the suite, e.g. '+CPC+CADM+CSPC = vqflow' (its work dir)",
+    )
+    source.add_argument(
+        "--workspace", action="store_true", help="the model `make run` trained with params.yaml (default suite)"
+    )
     args = parser.parse_args()
+    if args.workspace:
+        if args.suite != "default":
+            raise SystemExit("--workspace is the default suite's model (params.yaml); use --suite default")
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        write_table(
+            args.suite, *score_table(args.suite, params, Path(params["outputs"]["model"]), "the workspace model")
+        )
+        return
+    if args.ablation_variant:
+        params, model_dir = ablation_run(args.suite, args.ablation_variant)
+        write_table(args.suite, *score_table(args.suite, params, model_dir, f"ablation row {args.ablation_variant!r}"))
+        return
     # `dvc exp apply` rewrites tracked files with the experiment's versions (its commit holds the whole work tree
     # of its run): only on a clean work tree, restored to HEAD afterwards. The files this script writes itself
     # (README, its results) may differ from HEAD: they are kept aside and put back.
