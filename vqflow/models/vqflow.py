@@ -14,9 +14,10 @@ encoding + fusion flow, N(0, I) base.
   ``position``: top-k mean of sum_l z_l, each scale's -log p_l standardised per position with its mean and std
   over the training images; ``image``: MSFlow's per-image normalisation. The map is MSFlow's add map.
 - ``global_gaussian``: the image's pooled stride-32 feature (the CPC's input, before its projection) gets a
-  Gaussian density fitted on the training images (Ledoit-Wolf covariance) and enters the detection map as a fourth,
-  1 x 1 scale: its log p per dimension (times ``global_weight``) is added to every pixel. A wrong kind of object is far from the training
-  images as a whole even where no single patch is unusual (semantic anomalies, CIFAR-10); the anomaly map stays local.
+  Gaussian density fitted on the training images (Ledoit-Wolf covariance) and enters the detection map as a
+  fourth, 1 x 1 scale: its log p per dimension (times ``global_weight``) is added to every pixel. A wrong kind of
+  object is far from the training images as a whole even where no single patch is unusual (semantic anomalies,
+  CIFAR-10); the anomaly map stays local.
 """
 
 from __future__ import annotations
