@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 from pathlib import Path
 from typing import Callable
@@ -173,7 +175,20 @@ def summary_stage(params: dict, args: argparse.Namespace) -> None:
     print_summary(params)
 
 
+# Every x86-64 machine computes the same bits with these kernels; AVX-512 ones round differently, so a re-run on
+# such a machine would not reproduce dvc.lock (seen: the same training diverged in the 7th digit). They must be set
+# before torch loads (the stages import it lazily); a user's own setting wins.
+REPRODUCIBLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu_kernels() -> None:
+    if platform.machine().lower() in ("x86_64", "amd64") and "torch" not in sys.modules:
+        for key, value in REPRODUCIBLE_KERNELS.items():
+            os.environ.setdefault(key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    pin_cpu_kernels()
     parser = argparse.ArgumentParser(prog="vqflow", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="stage", required=True)
