@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,21 @@ def test_predict_cli_prints_decisions_and_writes_overlays(trained_project, tmp_p
         [sys.executable, "-m", "vqflow.cli", "predict", str(bad)], cwd=tmp_path, capture_output=True, text=True
     )
     assert failed.returncode == 2 and "broken.png" in failed.stderr
+
+
+@pytest.mark.skipif(
+    "avx2" not in Path("/proc/cpuinfo").read_text(errors="ignore") if Path("/proc/cpuinfo").exists() else True,
+    reason="the kernel pin is for x86-64 machines with AVX2",
+)
+@pytest.mark.parametrize("user_value, expected", [(None, "AVX2"), ("default", "DEFAULT")])
+def test_the_command_pins_torch_kernels_unless_the_user_chose(user_value, expected):
+    from vqflow.cli import REPRODUCIBLE_KERNELS
+
+    env = {k: v for k, v in os.environ.items() if k not in REPRODUCIBLE_KERNELS}
+    if user_value:
+        env["ATEN_CPU_CAPABILITY"] = user_value
+    code = (
+        "from vqflow.cli import pin_cpu_kernels as p; p(); import torch; print(torch.backends.cpu.get_cpu_capability())"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split()[-1] == expected, run.stdout + run.stderr
