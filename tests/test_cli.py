@@ -156,9 +156,11 @@ def test_predict_cli_prints_decisions_and_writes_overlays(trained_project, tmp_p
     assert failed.returncode == 2 and "broken.png" in failed.stderr
 
 
+CPU_INFO = Path("/proc/cpuinfo")
+
+
 @pytest.mark.skipif(
-    "avx2" not in Path("/proc/cpuinfo").read_text(errors="ignore") if Path("/proc/cpuinfo").exists() else True,
-    reason="the kernel pin is for x86-64 machines with AVX2",
+    not CPU_INFO.exists() or "avx2" not in CPU_INFO.read_text(), reason="the kernel pin is for x86-64 with AVX2"
 )
 @pytest.mark.parametrize("user_value, expected", [(None, "AVX2"), ("default", "DEFAULT")])
 def test_the_command_pins_torch_kernels_unless_the_user_chose(user_value, expected):

@@ -175,9 +175,9 @@ def summary_stage(params: dict, args: argparse.Namespace) -> None:
     print_summary(params)
 
 
-# Every x86-64 machine computes the same bits with these kernels; AVX-512 ones round differently, so a re-run on
-# such a machine would not reproduce dvc.lock (seen: the same training diverged in the 7th digit). They must be set
-# before torch loads (the stages import it lazily); a user's own setting wins.
+# AVX-512 kernels round differently from AVX2 ones: unpinned, the same training on an AVX-512 machine diverged in the
+# 7th digit and did not reproduce dvc.lock; pinned, it matched an AVX2 machine's bit for bit. Set before torch loads
+# (the stages import it lazily); a user's own setting wins.
 REPRODUCIBLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.linalg import solve_triangular
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
@@ -33,10 +32,8 @@ class PooledGaussian(nn.Module):
             raise ValueError(f"model.global_gaussian needs at least 2 training images, got {len(pooled)}")
         data = pooled.double().cpu().numpy()
         estimate = LedoitWolf().fit(data)
-        lower = np.linalg.cholesky(estimate.covariance_)  # Sigma = L L^T, so Sigma^-1 = L^-T L^-1
-        inverse = solve_triangular(lower, np.eye(len(lower)), lower=True)
         self.mean.copy_(torch.from_numpy(estimate.location_))
-        self.whitening.copy_(torch.from_numpy(inverse.T.copy()))
+        self.whitening.copy_(torch.from_numpy(np.linalg.cholesky(estimate.precision_)))  # Sigma^-1 = W W^T
         nll = -self.log_density(pooled.to(self.mean)).double()
         self.nll_mean.copy_(nll.mean())
         self.nll_std.copy_(floored_std(nll.std(correction=0)))

@@ -175,11 +175,16 @@ class VQFlow(AnomalyModel):
         """The three flow scales: the configured pyramid stages, pooled when ``pool`` is on."""
         return [self.pool(features[s]) for s in self.config.flow_stages]
 
-    def _concept_vector(self, top: torch.Tensor) -> torch.Tensor:
-        return self.cpc_proj(top.mean((2, 3)))
+    @staticmethod
+    def image_feature(features: list[torch.Tensor]) -> torch.Tensor:
+        """(B, C): the pooled stride-32 feature, what the CPC and the global Gaussian see of the whole image."""
+        return features[3].mean((2, 3))
 
-    def _prototype(self, top: torch.Tensor):
-        return self.cpc_vq(self._concept_vector(top))
+    def _concept_vector(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.cpc_proj(self.image_feature(features))
+
+    def _prototype(self, features: list[torch.Tensor]):
+        return self.cpc_vq(self._concept_vector(features))
 
     def _context(self, x: torch.Tensor, proto: torch.Tensor | None) -> list[torch.Tensor]:
         """[PE ; prototype] broadcast over the pixels of one scale (the parts that are switched on)."""
@@ -214,7 +219,7 @@ class VQFlow(AnomalyModel):
     def encode(self, features: list[torch.Tensor]):
         """Run quantisation and flows: latents per scale, log|det J| per image, prototype info, VQ results."""
         pooled = self.flow_inputs(features)
-        proto_q = self._prototype(features[3]) if self.config.cpc else None
+        proto_q = self._prototype(features) if self.config.cpc else None
         proto = proto_q.output if proto_q is not None else None
         conds, pattern_q = self._conditions(pooled, proto)
         zs, logdet = self.transform(pooled, conds, proto)
@@ -283,9 +288,9 @@ class VQFlow(AnomalyModel):
         for vq in ([self.cpc_vq] if self.config.cpc else []) + (list(self.cspc_vq) if self.config.cspc else []):
             vq.initialized.fill_(False)
         if self.config.cpc:
-            self.cpc_vq.initialize(self._concept_vector(features[3]))
+            self.cpc_vq.initialize(self._concept_vector(features))
         if self.config.cspc:
-            proto = self._prototype(features[3]).codes if self.config.cpc else None
+            proto = self._prototype(features).codes if self.config.cpc else None
             for level, x in enumerate(self.flow_inputs(features)):
                 source, _ = self._pattern_source(level, x, self._context(x, proto))
                 self.cspc_vq[level].initialize(source.permute(0, 2, 3, 1).reshape(-1, source.shape[1]))
@@ -335,7 +340,7 @@ class VQFlow(AnomalyModel):
             peak = torch.maximum(peak, torch.stack([m.amax() for m in log_p] + [total.amax()]))
             if self.config.global_gaussian:  # the max of the total needs the global term fitted on all images
                 image_peaks.append(total.flatten(1).amax(1))
-                pooled.append(features[3].mean((2, 3)))
+                pooled.append(self.image_feature(features))
             for l, m in enumerate(log_p if position else []):
                 nll = -m.double()
                 sums[l] = sums[l] + nll.sum(0)
@@ -376,7 +381,7 @@ class VQFlow(AnomalyModel):
         else:
             detection = log_map(log_p, size, reference[3] if reference is not None else None)
         if self.config.global_gaussian:  # the 1 x 1 fourth scale: the same value added to every pixel
-            pooled = features[3].mean((2, 3))
+            pooled = self.image_feature(features)
             weight = self.config.global_weight
             if self.config.normalization == "position":
                 detection = detection + weight * self.global_density.standardized_nll(pooled)[:, None, None]
