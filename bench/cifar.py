@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import registered_models, write_results  # noqa: E402
+from bench.common import RESULTS, machine, registered_models, write_results  # noqa: E402
 
 SPLITS = {"01234": [0, 1, 2, 3, 4], "56789": [5, 6, 7, 8, 9], "02468": [0, 2, 4, 6, 8], "13579": [1, 3, 5, 7, 9]}
 PAPER_VQFLOW = {"01234": 83.8, "56789": 86.9, "02468": 92.3, "13579": 91.6}  # mean 88.6; UniAD mean 87.2
@@ -115,6 +116,27 @@ def run_split(base: dict, work: Path, shared: Path, normal: list[int], models: l
     return {"train_images": int((manifest.split == "train").sum()), "test_images": len(test), "models": results}
 
 
+SAME_RUN = ("train_per_class", "test_per_class", "image_size", "epochs")
+
+
+def merged_with_previous(splits: dict, args) -> dict:
+    """This run's rows plus, for models it did not train, their rows of the previous run with the same settings
+    (each row keeps the commit it was measured at), so the table can be completed one model at a time."""
+    path = RESULTS / "cifar10.json"
+    if not path.is_file():
+        return splits
+    previous = json.loads(path.read_text())
+    if any(previous["settings"].get(key) != getattr(args, key) for key in SAME_RUN):
+        return splits
+    for split, result in splits.items():
+        kept = previous["splits"].get(split, {}).get("models", {})
+        for name, row in kept.items():
+            result["models"].setdefault(name, {"commit": previous["machine"]["commit"], **row})
+    if not all(set(r["models"]) == set(splits[args.splits[0]]["models"]) for r in splits.values()):
+        raise SystemExit("the previous run covers other splits or models per split: re-run every model")
+    return splits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -129,44 +151,45 @@ def main() -> None:
     if not archive.is_file():
         raise SystemExit(f"{archive}: not found (pass --shared, the folder holding data/cifar10_jpeg)")
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    commit = machine()["commit"]
     splits = {}
     for split in args.splits:
         print(f"== normal classes {split}", flush=True)
         splits[split] = run_split(
             base, ROOT / "bench/.work/cifar" / split, args.shared, SPLITS[split], args.models, args
         )
-    lines = [
-        "| model | " + " | ".join(f"{{{s}}}" for s in args.splits) + " | mean |",
-        "|---|" + "---:|" * (len(args.splits) + 1),
+        for result in splits[split]["models"].values():
+            result["commit"] = commit
+    splits = merged_with_previous(splits, args)
+    rows = [
+        n for m in MODELS for n in ([m, LOCAL_ONLY] if m == "vqflow" else [m]) if n in splits[args.splits[0]]["models"]
     ]
-    rows = [n for m in args.models for n in ([m, LOCAL_ONLY] if m == "vqflow" else [m])]
+    lines = [
+        "| model | " + " | ".join(f"{{{s}}}" for s in args.splits) + " | mean | commit |",
+        "|---|" + "---:|" * (len(args.splits) + 1) + "---|",
+    ]
     labels = {"vqflow": "vqflow (global term, weight 3)", LOCAL_ONLY: "vqflow without the global term (same model)"}
-    for name in rows:
+    for name in rows + ["knn"]:
         values = [100 * splits[s]["models"][name]["image_auroc"] for s in args.splits]
+        label = "kNN on pooled features (reference)" if name == "knn" else f"{labels.get(name, name)} (ours)"
         lines.append(
-            f"| {labels.get(name, name)} (ours, this run) | "
+            f"| {label} | "
             + " | ".join(f"{v:.1f}" for v in values)
-            + f" | {sum(values) / len(values):.1f} |"
+            + f" | {sum(values) / len(values):.1f} | {splits[args.splits[0]]['models'][name]['commit']} |"
         )
-    values = [100 * splits[s]["models"]["knn"]["image_auroc"] for s in args.splits]
-    lines.append(
-        "| kNN on pooled features (reference, this run) | "
-        + " | ".join(f"{v:.1f}" for v in values)
-        + f" | {sum(values) / len(values):.1f} |"
-    )
     paper = [PAPER_VQFLOW[s] for s in args.splits]
     lines.append(
         "| VQ-Flow (paper, full data, ConvNeXt) | "
         + " | ".join(f"{v:.1f}" for v in paper)
-        + f" | {sum(paper) / len(paper):.1f} |"
+        + f" | {sum(paper) / len(paper):.1f} | |"
     )
     first = splits[args.splits[0]]
     note = (
         f"\n\nImage AUROC. Per split: {first['train_images']} normal training images (+ held-out validation), "
         f"{first['test_images']} test images ({args.test_per_class} per class), {args.image_size} px, "
         f"{args.epochs} epochs, packaged EfficientNet-Lite0. VQ-Flow's semantic setting {SEMANTIC_VQFLOW} chosen on "
-        f"{{01234}} (development split); the others confirm. Models run: {', '.join(args.models)}. "
-        "UniAD (paper) mean 87.2."
+        f"{{01234}} (development split); the others confirm. commit: where the row was measured (a model not "
+        "re-run keeps its row of the previous run with the same settings). UniAD (paper) mean 87.2."
     )
     payload = {"settings": vars(args) | {"shared": str(args.shared)}, "splits": splits, "paper_vqflow": PAPER_VQFLOW}
     print(Path(write_results("cifar10", payload, "\n".join(lines) + note)).read_text())
