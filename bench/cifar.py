@@ -63,11 +63,19 @@ def split_params(base: dict, work: Path, shared: Path, normal: list[int], args) 
     return params
 
 
-def knn_reference(cache, train_ids: list[str], test_ids: list[str], k: int = 5) -> np.ndarray:
-    """What the frozen features alone separate: mean distance to the k nearest training images of the
-    standardised, globally average-pooled stage 2-4 features (no flow, no training)."""
-    import torch
+def knn_distance(train: np.ndarray, test: np.ndarray, k: int = 5) -> np.ndarray:
+    """Mean distance of each test row to its k nearest training rows, features standardised on the training rows."""
     from sklearn.neighbors import NearestNeighbors
+
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    distances, _ = NearestNeighbors(n_neighbors=k).fit((train - mean) / std).kneighbors((test - mean) / std)
+    return distances.mean(1)
+
+
+def knn_reference(cache, train_ids: list[str], test_ids: list[str]) -> np.ndarray:
+    """What the frozen features alone separate: ``knn_distance`` on the globally average-pooled stage 2-4
+    features (no flow, no training)."""
+    import torch
 
     def pooled(ids: list[str]) -> np.ndarray:
         return torch.cat(
@@ -77,10 +85,7 @@ def knn_reference(cache, train_ids: list[str], test_ids: list[str], k: int = 5) 
             ]
         ).numpy()
 
-    train, test = pooled(train_ids), pooled(test_ids)
-    mean, std = train.mean(0), train.std(0) + 1e-6
-    distances, _ = NearestNeighbors(n_neighbors=k).fit((train - mean) / std).kneighbors((test - mean) / std)
-    return distances.mean(1)
+    return knn_distance(pooled(train_ids), pooled(test_ids))
 
 
 def run_split(base: dict, work: Path, shared: Path, normal: list[int], models: list[str], args) -> dict:

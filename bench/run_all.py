@@ -63,6 +63,11 @@ STEPS = {
         "cifar10",
         "CIFAR-10 semantic anomaly detection",
     ),
+    "cifar-ceiling": (
+        [sys.executable, "bench/cifar_ceiling.py", "--shared", str(SHARED)],
+        "cifar10_ceiling",
+        "CIFAR-10: what the packaged backbones' frozen features separate (no training)",
+    ),
     "peer": (
         [str(PEER_PYTHON), "bench/peer_anomalib.py"],
         "peer_anomalib",
@@ -107,7 +112,7 @@ def main() -> None:
     failed = []
     for name in [] if args.summary else args.only or list(STEPS):
         command = STEPS[name][0]
-        if name in ("experiments-real", "score-rules-real", "cifar") and not SHARED.is_dir():
+        if name in ("experiments-real", "score-rules-real", "cifar", "cifar-ceiling") and not SHARED.is_dir():
             print(f"-- {name}: skipped, {SHARED} is absent", flush=True)
             continue
         if name == "peer" and not PEER_PYTHON.is_file():
