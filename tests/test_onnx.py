@@ -135,3 +135,20 @@ def test_cli_exports_and_predicts_on_onnx_runtime_and_names_a_missing_graph(
     assert code == 2 and "VQFLOW_RUNTIME='tensorrt': expected one of ('torch', 'onnx')" in err
     code, _, err = run([*base, "export-onnx", "--model", str(tmp_path)])
     assert code == 2 and "not a trained vqflow model" in err
+
+
+def test_static_same_padding_keeps_the_backbone_outputs_and_leaves_no_shape_arithmetic(trained_project, tmp_path):
+    import onnx
+
+    _, params = trained_project
+    bundle = ModelBundle(params["outputs"]["model"])
+    backbone = bundle.load_backbone()
+    size = bundle.load_model().config.image_size
+    static = copy.deepcopy(backbone)
+    assert onnx_graph.static_same_padding(static, size) == 5  # Lite0's stem and four stride-2 depthwise convs
+    images = onnx_graph.check_images(size)
+    for before, after in zip(backbone(images), static(images)):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)  # the same zeros, the same convolutions
+    graph = onnx.load(str(bundle.onnx_path))
+    backbone_ops = {node.op_type for node in graph.graph.node if node.name.startswith("/backbone/")}
+    assert "Shape" not in backbone_ops and "Conv" in backbone_ops

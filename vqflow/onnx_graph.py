@@ -52,9 +52,60 @@ def check_images(image_size: int, count: int = 3) -> torch.Tensor:
     return torch.cat([smooth, torch.full((1, 3, image_size, image_size), 0.5)])
 
 
+def static_same_padding(backbone: nn.Module, image_size: int) -> int:
+    """Replace timm's TF-style "same" convolutions (padding computed from the input size at every call) by a
+    constant zero padding + plain convolution for this image size, in place; returns how many were replaced.
+
+    Same values; but traced, the dynamic version leaves shape arithmetic and a Pad of computed amounts in the
+    graph, which kept ONNX Runtime from folding the padding into the convolution and the backbone in its blocked
+    memory layout (profiled at batch 16: 11 % of the time in layout reorders, 4 % in Pad).
+    """
+    from timm.layers import Conv2dSame, get_same_padding
+
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(_, args) -> None:  # None: the input goes on unchanged
+            sizes[name] = tuple(args[0].shape[-2:])
+
+        return hook
+
+    hooks = [
+        module.register_forward_pre_hook(record(name))
+        for name, module in backbone.named_modules()
+        if isinstance(module, Conv2dSame)
+    ]
+    with torch.no_grad():
+        backbone(torch.zeros(1, 3, image_size, image_size))
+    for hook in hooks:
+        hook.remove()
+    for name, (height, width) in sizes.items():
+        same = backbone.get_submodule(name)
+        pad_h = get_same_padding(height, same.kernel_size[0], same.stride[0], same.dilation[0])
+        pad_w = get_same_padding(width, same.kernel_size[1], same.stride[1], same.dilation[1])
+        conv = nn.Conv2d(
+            same.in_channels,
+            same.out_channels,
+            same.kernel_size,
+            same.stride,
+            0,
+            same.dilation,
+            same.groups,
+            same.bias is not None,
+        )
+        conv.load_state_dict(same.state_dict())
+        padding = nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        parent, _, child = name.rpartition(".")
+        setattr(backbone.get_submodule(parent), child, nn.Sequential(padding, conv))
+    return len(sizes)
+
+
 def export_onnx(backbone: nn.Module, model: AnomalyModel, path: str | Path, image_size: int) -> Path:
-    """Trace backbone + model into ``path`` and check it against torch with ONNX Runtime."""
-    graph = InferenceGraph(copy.deepcopy(backbone).cpu(), copy.deepcopy(model).cpu()).eval()
+    """Trace backbone + model (with ``static_same_padding``) into ``path`` and check it with ONNX Runtime against
+    torch on the backbone as given."""
+    reference = InferenceGraph(copy.deepcopy(backbone).cpu(), copy.deepcopy(model).cpu()).eval()
+    graph = copy.deepcopy(reference)
+    static_same_padding(graph.backbone, image_size)
     example = check_images(image_size, 2)
     with torch.no_grad():
         names = ["scores", "maps", "concept"][: len(graph(example))]
@@ -72,7 +123,7 @@ def export_onnx(backbone: nn.Module, model: AnomalyModel, path: str | Path, imag
             opset_version=OPSET,
             dynamo=False,
         )
-    verify(graph, OnnxScorer(path, threads=1), check_images(image_size))
+    verify(reference, OnnxScorer(path, threads=1), check_images(image_size))
     return Path(path)
 
 
