@@ -41,12 +41,16 @@ GLOBAL_RULE = "our rule + {weight} x -log p of the pooled stride-32 feature (`gl
 POSITION_RULE = "top 3 % of sum_l z_l, z_l = -log p_l standardised per position on the training images"
 
 
-def synthetic_defect(image: np.ndarray, donor: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A copy of ``image`` (float CHW in [0, 1]) with one small defect: ``patch`` pastes a rectangle of ``donor``
-    (another normal image of the category: CutPaste), ``spot`` a soft-edged ellipse and ``scratch`` a thin line,
-    both darker or brighter by 0.25-0.5. Placed in the central 70 % of the image."""
+def synthetic_defect(
+    image: np.ndarray, donor: np.ndarray, kind: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(copy of ``image`` (float CHW in [0, 1]) with one small defect, its mask (bool HW)): ``patch`` pastes a
+    rectangle of ``donor`` (another normal image of the category: CutPaste), ``spot`` a soft-edged ellipse and
+    ``scratch`` a thin line, both darker or brighter by 0.25-0.5 (mask: where the change is at least half of it).
+    Placed in the central 70 % of the image."""
     size = image.shape[-1]
     out = image.copy()
+    defect_mask = np.zeros((size, size), dtype=bool)
     low, high = int(0.15 * size), int(0.85 * size)
     if kind == "patch":
         area = rng.uniform(0.005, 0.02) * size * size
@@ -56,7 +60,8 @@ def synthetic_defect(image: np.ndarray, donor: np.ndarray, kind: str, rng: np.ra
         sy, sx = rng.integers(0, size - h), rng.integers(0, size - w)
         ty, tx = rng.integers(low, high - h), rng.integers(low, high - w)
         out[:, ty : ty + h, tx : tx + w] = donor[:, sy : sy + h, sx : sx + w]
-        return out
+        defect_mask[ty : ty + h, tx : tx + w] = True
+        return out, defect_mask
     mask = Image.new("L", (size, size))
     draw = ImageDraw.Draw(mask)
     cy, cx = rng.uniform(low, high, 2)
@@ -74,16 +79,18 @@ def synthetic_defect(image: np.ndarray, donor: np.ndarray, kind: str, rng: np.ra
         raise ValueError(f"unknown synthetic defect {kind!r}: one of {DEFECTS}")
     alpha = gaussian_filter(np.asarray(mask, dtype=np.float32) / 255.0, 1.0)
     shift = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.5))
-    return np.clip(out + shift * alpha[None], 0.0, 1.0)
+    return np.clip(out + shift * alpha[None], 0.0, 1.0), alpha >= 0.5
 
 
-def validation_images(manifest, size: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """(images, categories, labels): each category's validation normals, then one copy of each with every kind
-    of synthetic defect (the donor of a patch is the category's next validation image)."""
+def validation_images(
+    manifest, size: int, seed: int = 0
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """(images, categories, labels, masks): each category's validation normals, then one copy of each with every
+    kind of synthetic defect (the donor of a patch is the category's next validation image)."""
     from vqflow.features import load_batch
 
     rng = np.random.default_rng(seed)
-    images, categories, labels = [], [], []
+    images, categories, labels, masks = [], [], [], []
     for category, rows in manifest[manifest.split == "val"].groupby("category", sort=True):
         normals = list(load_batch(rows.path.tolist(), size).numpy())
         defective = [
@@ -91,10 +98,11 @@ def validation_images(manifest, size: int, seed: int = 0) -> tuple[list[np.ndarr
             for i, img in enumerate(normals)
             for kind in DEFECTS
         ]
-        images += normals + defective
+        images += normals + [image for image, _ in defective]
+        masks += [np.zeros((size, size), dtype=bool)] * len(normals) + [mask for _, mask in defective]
         categories += [category] * (len(normals) + len(defective))
         labels += [0] * len(normals) + [1] * len(defective)
-    return images, np.array(categories), np.array(labels)
+    return images, np.array(categories), np.array(labels), np.stack(masks)
 
 
 def log_p_maps(model, feature_batches) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -121,26 +129,38 @@ def extracted(backbone, images: list[np.ndarray]):
             yield [f.float() for f in backbone(torch.from_numpy(np.stack(images[start : start + 16])))]
 
 
+SIGMA = 4.0  # the Gaussian smoothing of PaDiM, PatchCore and ViTAD (pixels at 256 px)
+
+
+def z_sum(maps, train_maps, size: int, per_position: bool) -> torch.Tensor:
+    """sum_l upsample((-log p_l - mean_l) / std_l), training statistics per position or per scale."""
+    from vqflow.models.anomaly_map import floored_std, upsample
+
+    total = 0
+    for m, train in zip(maps, train_maps):
+        nll = -train.double()
+        mean, std = (nll.mean(0), nll.std(0, correction=0)) if per_position else (nll.mean(), nll.std(correction=0))
+        total = total + upsample(((-m.double() - mean) / floored_std(std)).float(), size)
+    return total
+
+
+def train_relative_map(maps, train_maps, size: int) -> torch.Tensor:
+    """c_train - sum_l log p_l, c_train = the largest sum_l log p_l of a training pixel."""
+    from vqflow.models.anomaly_map import log_map, upsample
+
+    return log_map(maps, size, sum(upsample(m, size) for m in train_maps).amax())
+
+
 def rule_scores(maps, log_likelihood, pooled, train_maps, train_pooled, size: int) -> dict[str, torch.Tensor]:
     """Every candidate image score of the images whose maps are ``maps``; references from ``train_maps`` (and the
     global Gaussian from ``train_pooled``)."""
-    from vqflow.models.anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
+    from vqflow.models.anomaly_map import add_map, gaussian_smooth, log_map, top_k_score
     from vqflow.models.global_density import PooledGaussian
 
-    def z_sum(per_position: bool) -> torch.Tensor:
-        """sum_l upsample((-log p_l - mean_l) / std_l), training statistics per position or per scale."""
-        total = 0
-        for m, train in zip(maps, train_maps):
-            nll = -train.double()
-            mean, std = (nll.mean(0), nll.std(0, correction=0)) if per_position else (nll.mean(), nll.std(correction=0))
-            total = total + upsample(((-m.double() - mean) / floored_std(std)).float(), size)
-        return total
-
-    scale_max = [m.amax() for m in train_maps]
-    total_max = sum(upsample(m, size) for m in train_maps).amax()
-    train_relative, image_relative = log_map(maps, size, total_max), log_map(maps, size)
-    position, per_scale = z_sum(True), z_sum(False)
-    added = add_map(maps, size, scale_max)
+    train_relative, image_relative = train_relative_map(maps, train_maps, size), log_map(maps, size)
+    position, per_scale = z_sum(maps, train_maps, size, True), z_sum(maps, train_maps, size, False)
+    smoothed, smoothed_position = gaussian_smooth(train_relative, SIGMA), gaussian_smooth(position, SIGMA)
+    added = add_map(maps, size, [m.amax() for m in train_maps])
     density = PooledGaussian(train_pooled.shape[1])
     density.fit(train_pooled)
     global_nll = -density.log_density(pooled)
@@ -149,6 +169,9 @@ def rule_scores(maps, log_likelihood, pooled, train_maps, train_pooled, size: in
         "top 1 % of c_train - sum_l log p_l": top_k_score(train_relative, 0.01),
         "top 0.1 % of c_train - sum_l log p_l (about one stride-8 cell)": top_k_score(train_relative, 0.001),
         "max of c_train - sum_l log p_l": train_relative.flatten(1).amax(1),
+        f"top 3 % of c_train - sum_l log p_l, Gaussian-smoothed (sigma {SIGMA:g})": top_k_score(smoothed, 0.03),
+        f"top 1 % of the smoothed c_train - sum_l log p_l (sigma {SIGMA:g})": top_k_score(smoothed, 0.01),
+        f"max of the smoothed c_train - sum_l log p_l (sigma {SIGMA:g}, PaDiM's rule)": smoothed.flatten(1).amax(1),
         "top 3 % relative to the image's own max (MSFlow's normalisation, log domain)": top_k_score(
             image_relative, 0.03
         ),
@@ -158,6 +181,7 @@ def rule_scores(maps, log_likelihood, pooled, train_maps, train_pooled, size: in
         POSITION_RULE: top_k_score(position, 0.03),
         "top 1 % of sum_l z_l (per position)": top_k_score(position, 0.01),
         "max of sum_l z_l (per position)": position.flatten(1).amax(1),
+        f"max of the smoothed sum_l z_l (per position, sigma {SIGMA:g})": smoothed_position.flatten(1).amax(1),
         "top 3 % of sum_l z_l, standardised per scale (one mean and std per scale)": top_k_score(per_scale, 0.03),
         # a constant per image: top-k(map + g) = top-k(map) + g; c_train only shifts every score alike
         GLOBAL_RULE.format(weight=1): top_k_score(train_relative, 0.03) + global_nll,
@@ -166,15 +190,53 @@ def rule_scores(maps, log_likelihood, pooled, train_maps, train_pooled, size: in
     }
 
 
+OUR_MAP = "add map: L - sum_l exp(log p_l - c_l) (MSFlow's, training references)"
+PIXEL_METRICS = (("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "AUPRO"))
+
+
+def pixel_rule_maps(maps, train_maps, size: int) -> dict[str, torch.Tensor]:
+    """Every candidate anomaly map (N, size, size) of the images whose maps are ``maps``."""
+    from vqflow.models.anomaly_map import add_map, gaussian_smooth
+
+    added = add_map(maps, size, [m.amax() for m in train_maps])
+    train_relative = train_relative_map(maps, train_maps, size)
+    return {
+        OUR_MAP: added,
+        "add map, Gaussian-smoothed (sigma 2)": gaussian_smooth(added, 2.0),
+        f"add map, Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(added, SIGMA),
+        "add map, Gaussian-smoothed (sigma 8)": gaussian_smooth(added, 8.0),
+        "c_train - sum_l log p_l (the image score's map)": train_relative,
+        f"c_train - sum_l log p_l, Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(train_relative, SIGMA),
+        f"sum_l z_l (per position), Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(
+            z_sum(maps, train_maps, size, True), SIGMA
+        ),
+    }
+
+
+def pixel_results(candidates: dict[str, torch.Tensor], categories: np.ndarray, masks: np.ndarray) -> dict:
+    """Per candidate map: pixel AUROC, AP, F1-max and AUPRO per category and their means (the pixel part of mAD)."""
+    from vqflow.metrics import pixel_metrics
+
+    results = {}
+    for name, candidate in candidates.items():
+        per_category = {
+            c: pixel_metrics(candidate.numpy()[categories == c], masks[categories == c])
+            for c in sorted(set(categories))
+        }
+        mean = {key: float(np.mean([m[key] for m in per_category.values()])) for key, _ in PIXEL_METRICS}
+        results[name] = {"per_category": per_category, "mean": mean, "pixel_mad": float(np.mean(list(mean.values())))}
+    return results
+
+
 def per_category_auroc(scores: torch.Tensor, categories: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     from vqflow.metrics import auroc
 
     return {c: auroc(labels[categories == c], scores.numpy()[categories == c]) for c in sorted(set(categories))}
 
 
-def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple[dict, str, str]:
-    """(results per rule, markdown table, source) of the model in ``model_dir``: validation with synthetic
-    defects, and the test split."""
+def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple[dict, dict, str, str]:
+    """(image score results per rule, pixel results per map, markdown tables, source) of the model in
+    ``model_dir``: validation with synthetic defects, and (image scores) the test split."""
     from vqflow import stages
     from vqflow.bundle import ModelBundle
 
@@ -185,8 +247,10 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     train_maps, _, train_pooled = log_p_maps(
         model, cached(cache, manifest[manifest.split == "train"].image_id.tolist())
     )
-    val_images, val_categories, val_labels = validation_images(manifest, size)
-    val = rule_scores(*log_p_maps(model, extracted(backbone, val_images)), train_maps, train_pooled, size)
+    val_images, val_categories, val_labels, val_masks = validation_images(manifest, size)
+    val_maps, val_log_likelihood, val_pooled = log_p_maps(model, extracted(backbone, val_images))
+    val = rule_scores(val_maps, val_log_likelihood, val_pooled, train_maps, train_pooled, size)
+    pixel = pixel_results(pixel_rule_maps(val_maps, train_maps, size), val_categories, val_masks)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     scored = rule_scores(*log_p_maps(model, cached(cache, test.image_id.tolist())), train_maps, train_pooled, size)
     names = sorted(set(test.category))
@@ -215,7 +279,20 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
         f"over categories ({', '.join(f'{c} {n}' for c, n in counts.items())} images). z_l statistics and c_train "
         "are fitted on the training images; log p_l = per-scale map, upsampled."
     )
-    return results, "\n".join(lines) + note, source
+    pixel_lines = [
+        "| anomaly map | " + " | ".join(label for _, label in PIXEL_METRICS) + " | mean |",
+        "|---|" + "---:|" * (len(PIXEL_METRICS) + 1),
+    ]
+    for name, r in pixel.items():
+        cells = [f"{100 * r['mean'][key]:.1f}" for key, _ in PIXEL_METRICS] + [f"{100 * r['pixel_mad']:.1f}"]
+        pixel_lines.append(f"| {name}{' (**ours**)' if name == OUR_MAP else ''} | " + " | ".join(cells) + " |")
+    pixel_note = (
+        "\n\nPixel metrics of the same model's anomaly maps on the same validation images (synthetic defect masks: "
+        "the pasted rectangle, or where a spot or scratch changes the image by at least half its amount; normal "
+        "images count as all-normal pixels), mean over categories; mean = the pixel part of mAD."
+    )
+    tables = "\n".join(lines) + note + "\n\n" + "\n".join(pixel_lines) + pixel_note
+    return results, pixel, tables, source
 
 
 def chosen_rule(params: dict) -> str:
@@ -224,6 +301,31 @@ def chosen_rule(params: dict) -> str:
 
 
 MARGIN = 0.005  # the decision rule, written down before any figure: see decision_table
+
+
+def decides(values: list[float], ours: list[float]) -> tuple[float, bool]:
+    """(mean gain over the two suites, whether it replaces ours): the gain exceeds MARGIN and neither suite loses
+    more than MARGIN."""
+    gain = (values[0] + values[1] - ours[0] - ours[1]) / 2
+    return gain, gain > MARGIN and min(v - o for v, o in zip(values, ours)) >= -MARGIN
+
+
+def pixel_decision_table(default: dict, real: dict) -> str:
+    """The anomaly map rule, written down before any figure as for the image score: a candidate replaces ours only
+    if its validation pixel mean (AUROC, AP, F1-max, AUPRO) averaged over both suites beats ours by more than 0.5
+    points without losing more than 0.5 on either suite."""
+    ours = [default[OUR_MAP]["pixel_mad"], real[OUR_MAP]["pixel_mad"]]
+    lines = [
+        "| anomaly map | validation: default | validation: real | mean | vs ours | replaces ours |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name in default:
+        values = [default[name]["pixel_mad"], real[name]["pixel_mad"]]
+        gain, wins = decides(values, ours)
+        wins = wins and name != OUR_MAP
+        cells = [f"{100 * v:.1f}" for v in values] + [f"{50 * sum(values):.1f}", f"{100 * gain:+.1f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'**yes**' if wins else 'no'} |")
+    return "\n".join(lines)
 
 
 def decision_table(default: dict, real: dict) -> str:
@@ -236,27 +338,37 @@ def decision_table(default: dict, real: dict) -> str:
     ]
     for rule in default:
         values = [default[rule]["validation"]["mean"], real[rule]["validation"]["mean"]]
-        gain = (values[0] + values[1] - ours[0] - ours[1]) / 2
-        wins = rule != OUR_RULE and gain > MARGIN and min(v - o for v, o in zip(values, ours)) >= -MARGIN
+        gain, wins = decides(values, ours)
+        wins = wins and rule != OUR_RULE
         cells = [f"{100 * v:.1f}" for v in values] + [f"{50 * sum(values):.1f}", f"{100 * gain:+.1f}"]
         lines.append(f"| {rule} | " + " | ".join(cells) + f" | {'**yes**' if wins else 'no'} |")
     return "\n".join(lines)
 
 
-def write_table(suite: str, results: dict, table: str, source: str) -> None:
-    md = write_results(f"score_rules_{suite}", {"suite": suite, "model": source, "rules": results}, table)
+def write_table(suite: str, results: dict, pixel: dict, table: str, source: str) -> None:
+    md = write_results(
+        f"score_rules_{suite}", {"suite": suite, "model": source, "rules": results, "pixel_maps": pixel}, table
+    )
     replace_readme_block(ROOT / "README.md", f"score_rules:{suite}", md.read_text())
     print(md.read_text())
     suites = {name: RESULTS / f"score_rules_{name}.json" for name in ("default", "real")}
-    if all(path.is_file() for path in suites.values()):
-        default, real = (read_json(path)["rules"] for path in suites.values())
-        if set(default) == set(real):  # both tables have every candidate (else: the other suite is not re-run yet)
-            note = (
-                "\n\nFrom bench/results/score_rules_default.json and score_rules_real.json (validation columns only; "
-                "the test split never enters the decision)."
-            )
-            md = write_results("score_rules_decision", {"margin": MARGIN}, decision_table(default, real) + note)
-            replace_readme_block(ROOT / "README.md", "score_rules:decision", md.read_text())
+    if not all(path.is_file() for path in suites.values()):
+        return
+    default, real = (read_json(path) for path in suites.values())
+    # both suites must have every candidate (else: the other suite is not re-run yet)
+    if set(default["rules"]) != set(real["rules"]) or set(default.get("pixel_maps", {})) != set(real["pixel_maps"]):
+        return
+    tables = decision_table(default["rules"], real["rules"]) + (
+        "\n\nImage score: validation image AUROC (mean over categories).\n\n"
+        + pixel_decision_table(default["pixel_maps"], real["pixel_maps"])
+        + "\n\nAnomaly map: validation mean of pixel AUROC, AP, F1-max and AUPRO (mean over categories)."
+    )
+    note = (
+        "\n\nFrom bench/results/score_rules_default.json and score_rules_real.json (validation columns only; "
+        "the test split never enters the decision)."
+    )
+    md = write_results("score_rules_decision", {"margin": MARGIN}, tables + note)
+    replace_readme_block(ROOT / "README.md", "score_rules:decision", md.read_text())
 
 
 def ablation_run(suite: str, variant: str) -> tuple[dict, Path]:
