@@ -173,6 +173,43 @@ def row(record: dict) -> str:
     )
 
 
+def fall_per_epoch(values: list[float], last: int, epochs: int = 4) -> float:
+    """Relative fall per epoch of ``values`` over the ``epochs`` epochs up to index ``last`` (geometric mean)."""
+    return 1 - (values[last] / values[last - epochs]) ** (1 / epochs)
+
+
+def loss_figure(suite: str, records: list[dict]) -> str:
+    """The flow NLL per epoch of the rows whose experiment logged one (the image-batch flows), as a plot, and how
+    fast it still fell before the learning rate decay and at the end: has the budget converged?"""
+    from vqflow.plots import loss_curves
+
+    histories = {}
+    for record in records:
+        shown = subprocess.run(
+            ["git", "show", f"{record.get('rev')}:metrics/train_log.json"], cwd=ROOT, capture_output=True, text=True
+        )
+        rows = json.loads(shown.stdout) if shown.returncode == 0 else []
+        if rows and all("flow" in r for r in rows):
+            histories[record["model"]] = rows
+    if not histories:
+        return ""
+    path = loss_curves(histories, RESULTS / f"experiments_{suite}_loss.svg")
+    lines = []
+    for model, rows in histories.items():
+        flow, lr = [r["flow"] for r in rows], [r["lr"] for r in rows]
+        decayed = [i for i in range(1, len(lr)) if lr[i] < 0.5 * max(lr)]
+        before = (decayed[0] if decayed else len(rows)) - 1
+        lines.append(
+            f"{model}: flow NLL {flow[-1]:.3f} after {len(rows)} epochs; it fell "
+            f"{100 * fall_per_epoch(flow, before):.2f} % per epoch over the 4 epochs before the lr decay and "
+            f"{100 * fall_per_epoch(flow, len(flow) - 1, 3):.2f} % per epoch over the last 3"
+        )
+    return (
+        f"\n\nTraining loss per epoch of the flow rows ([{path.name}]({path.name}), from each experiment's "
+        "metrics/train_log.json): " + "; ".join(lines) + "."
+    )
+
+
 def table(suite: str, readme: Path, models: list[str]) -> str:
     """The table of every model: ``models`` from their experiments; any other model keeps its row of the last
     table (a model whose code and params did not change need not be re-run), marked by the commit it ran at."""
@@ -231,6 +268,7 @@ def table(suite: str, readme: Path, models: list[str]) -> str:
             for r in records
         )
     )
+    body += loss_figure(suite, records)
     md = write_results(f"experiments_{suite}", {"suite": suite, "experiments": records}, body)
     m = machine()
     replace_readme_block(
@@ -238,7 +276,9 @@ def table(suite: str, readme: Path, models: list[str]) -> str:
         f"experiments:{suite}",
         (
             f"_`python bench/experiments.py table --suite {suite}`, {m['date']}, commit {m['commit']}, "
-            f"{m['cpus']} cores, torch {m['torch']}; FPS = decode + backbone + model + maps, batch 16_\n\n{body}\n"
+            f"{m['cpus']} cores, torch {m['torch']}; FPS = decode + backbone + model + maps, batch 16_\n\n"
+            + body.replace(f"](experiments_{suite}_loss.svg)", f"](bench/results/experiments_{suite}_loss.svg)")
+            + "\n"
         ),
     )
     return md.read_text()
