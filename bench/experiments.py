@@ -43,8 +43,8 @@ METRICS = [
 def suite_settings(suite: str, shared: str) -> dict[str, object]:
     """The params a suite changes (dotted key -> value). ``real``: MVTec bottle + Magnetic Tile in one model;
     8 epochs (today's budget of every model; CFLOW takes ~60 optimiser steps per image batch), 24 for the
-    image-batch flows VQ-Flow and MSFlow (1296 optimiser steps, about CFLOW's training time for its 8 epochs; at 12
-    their flow NLL still fell 1.7 % per epoch)."""
+    image-batch flows VQ-Flow and MSFlow (1296 optimiser steps; at 12 their flow NLL still fell 1.7 % per epoch;
+    VQ-Flow's 24 take longer than CFLOW's 8)."""
     if suite == "default":
         return {}
     if suite == "real":
