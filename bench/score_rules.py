@@ -22,6 +22,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -151,16 +152,29 @@ def train_relative_map(maps, train_maps, size: int) -> torch.Tensor:
     return log_map(maps, size, sum(upsample(m, size) for m in train_maps).amax())
 
 
-def rule_scores(maps, log_likelihood, pooled, train_maps, train_pooled, size: int) -> dict[str, torch.Tensor]:
-    """Every candidate image score of the images whose maps are ``maps``; references from ``train_maps`` (and the
-    global Gaussian from ``train_pooled``)."""
-    from vqflow.models.anomaly_map import add_map, gaussian_smooth, log_map, top_k_score
+def base_maps(maps, train_maps, size: int) -> dict[str, torch.Tensor]:
+    """The maps that both image score and anomaly map candidates build on, computed once per image set: the
+    c_train map, the add map and the per-position z map."""
+    from vqflow.models.anomaly_map import add_map
+
+    return {
+        "train_relative": train_relative_map(maps, train_maps, size),
+        "added": add_map(maps, size, [m.amax() for m in train_maps]),
+        "position": z_sum(maps, train_maps, size, True),
+    }
+
+
+def rule_scores(
+    maps, log_likelihood, pooled, train_maps, train_pooled, size: int, base: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Every candidate image score of the images whose maps are ``maps`` (``base``: their base_maps); references
+    from ``train_maps`` (and the global Gaussian from ``train_pooled``)."""
+    from vqflow.models.anomaly_map import gaussian_smooth, log_map, top_k_score
     from vqflow.models.global_density import PooledGaussian
 
-    train_relative, image_relative = train_relative_map(maps, train_maps, size), log_map(maps, size)
-    position, per_scale = z_sum(maps, train_maps, size, True), z_sum(maps, train_maps, size, False)
+    train_relative, added, position = base["train_relative"], base["added"], base["position"]
+    image_relative, per_scale = log_map(maps, size), z_sum(maps, train_maps, size, False)
     smoothed, smoothed_position = gaussian_smooth(train_relative, SIGMA), gaussian_smooth(position, SIGMA)
-    added = add_map(maps, size, [m.amax() for m in train_maps])
     density = PooledGaussian(train_pooled.shape[1])
     density.fit(train_pooled)
     global_nll = -density.log_density(pooled)
@@ -194,12 +208,11 @@ OUR_MAP = "add map: L - sum_l exp(log p_l - c_l) (MSFlow's, training references)
 PIXEL_METRICS = (("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "AUPRO"))
 
 
-def pixel_rule_maps(maps, train_maps, size: int) -> dict[str, torch.Tensor]:
-    """Every candidate anomaly map (N, size, size) of the images whose maps are ``maps``."""
-    from vqflow.models.anomaly_map import add_map, gaussian_smooth
+def pixel_rule_maps(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every candidate anomaly map (N, size, size) of the images whose base_maps are ``base``."""
+    from vqflow.models.anomaly_map import gaussian_smooth
 
-    added = add_map(maps, size, [m.amax() for m in train_maps])
-    train_relative = train_relative_map(maps, train_maps, size)
+    added, train_relative = base["added"], base["train_relative"]
     return {
         OUR_MAP: added,
         "add map, Gaussian-smoothed (sigma 2)": gaussian_smooth(added, 2.0),
@@ -207,9 +220,7 @@ def pixel_rule_maps(maps, train_maps, size: int) -> dict[str, torch.Tensor]:
         "add map, Gaussian-smoothed (sigma 8)": gaussian_smooth(added, 8.0),
         "c_train - sum_l log p_l (the image score's map)": train_relative,
         f"c_train - sum_l log p_l, Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(train_relative, SIGMA),
-        f"sum_l z_l (per position), Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(
-            z_sum(maps, train_maps, size, True), SIGMA
-        ),
+        f"sum_l z_l (per position), Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(base["position"], SIGMA),
     }
 
 
@@ -249,10 +260,20 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     )
     val_images, val_categories, val_labels, val_masks = validation_images(manifest, size)
     val_maps, val_log_likelihood, val_pooled = log_p_maps(model, extracted(backbone, val_images))
-    val = rule_scores(val_maps, val_log_likelihood, val_pooled, train_maps, train_pooled, size)
-    pixel = pixel_results(pixel_rule_maps(val_maps, train_maps, size), val_categories, val_masks)
+    val_base = base_maps(val_maps, train_maps, size)
+    val = rule_scores(val_maps, val_log_likelihood, val_pooled, train_maps, train_pooled, size, val_base)
+    pixel = pixel_results(pixel_rule_maps(val_base), val_categories, val_masks)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
-    scored = rule_scores(*log_p_maps(model, cached(cache, test.image_id.tolist())), train_maps, train_pooled, size)
+    test_maps, test_log_likelihood, test_pooled = log_p_maps(model, cached(cache, test.image_id.tolist()))
+    scored = rule_scores(
+        test_maps,
+        test_log_likelihood,
+        test_pooled,
+        train_maps,
+        train_pooled,
+        size,
+        base_maps(test_maps, train_maps, size),
+    )
     names = sorted(set(test.category))
     results = {}
     for rule in scored:
@@ -310,38 +331,29 @@ def decides(values: list[float], ours: list[float]) -> tuple[float, bool]:
     return gain, gain > MARGIN and min(v - o for v, o in zip(values, ours)) >= -MARGIN
 
 
-def pixel_decision_table(default: dict, real: dict) -> str:
-    """The anomaly map rule, written down before any figure as for the image score: a candidate replaces ours only
-    if its validation pixel mean (AUROC, AP, F1-max, AUPRO) averaged over both suites beats ours by more than 0.5
-    points without losing more than 0.5 on either suite."""
-    ours = [default[OUR_MAP]["pixel_mad"], real[OUR_MAP]["pixel_mad"]]
+def validation_auroc(result: dict) -> float:
+    return result["validation"]["mean"]
+
+
+def pixel_mean(result: dict) -> float:
+    return result["pixel_mad"]
+
+
+def decision_table(header: str, suites: tuple[dict, dict], value: Callable[[dict], float], ours: str) -> str:
+    """The rule that decides the default, written down before any figure: a candidate (``header``: image score rule
+    or anomaly map) replaces ``ours`` only if its validation ``value`` averaged over the default and the real suite
+    (``suites``: candidate -> results) beats ours by more than 0.5 points without losing more than 0.5 on either."""
+    reference = [value(suite[ours]) for suite in suites]
     lines = [
-        "| anomaly map | validation: default | validation: real | mean | vs ours | replaces ours |",
+        f"| {header} | validation: default | validation: real | mean | vs ours | replaces ours |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for name in default:
-        values = [default[name]["pixel_mad"], real[name]["pixel_mad"]]
-        gain, wins = decides(values, ours)
-        wins = wins and name != OUR_MAP
+    for name in suites[0]:
+        values = [value(suite[name]) for suite in suites]
+        gain, wins = decides(values, reference)
+        wins = wins and name != ours
         cells = [f"{100 * v:.1f}" for v in values] + [f"{50 * sum(values):.1f}", f"{100 * gain:+.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'**yes**' if wins else 'no'} |")
-    return "\n".join(lines)
-
-
-def decision_table(default: dict, real: dict) -> str:
-    """The rule that decides the default: a candidate replaces ours only if its validation AUROC averaged over the
-    default and the real suite beats ours by more than 0.5 points without losing more than 0.5 on either suite."""
-    ours = [default[OUR_RULE]["validation"]["mean"], real[OUR_RULE]["validation"]["mean"]]
-    lines = [
-        "| image score rule | validation: default | validation: real | mean | vs ours | replaces ours |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for rule in default:
-        values = [default[rule]["validation"]["mean"], real[rule]["validation"]["mean"]]
-        gain, wins = decides(values, ours)
-        wins = wins and rule != OUR_RULE
-        cells = [f"{100 * v:.1f}" for v in values] + [f"{50 * sum(values):.1f}", f"{100 * gain:+.1f}"]
-        lines.append(f"| {rule} | " + " | ".join(cells) + f" | {'**yes**' if wins else 'no'} |")
     return "\n".join(lines)
 
 
@@ -358,9 +370,11 @@ def write_table(suite: str, results: dict, pixel: dict, table: str, source: str)
     # both suites must have every candidate (else: the other suite is not re-run yet)
     if set(default["rules"]) != set(real["rules"]) or set(default.get("pixel_maps", {})) != set(real["pixel_maps"]):
         return
-    tables = decision_table(default["rules"], real["rules"]) + (
+    image = decision_table("image score rule", (default["rules"], real["rules"]), validation_auroc, OUR_RULE)
+    pixel = decision_table("anomaly map", (default["pixel_maps"], real["pixel_maps"]), pixel_mean, OUR_MAP)
+    tables = image + (
         "\n\nImage score: validation image AUROC (mean over categories).\n\n"
-        + pixel_decision_table(default["pixel_maps"], real["pixel_maps"])
+        + pixel
         + "\n\nAnomaly map: validation mean of pixel AUROC, AP, F1-max and AUPRO (mean over categories)."
     )
     note = (
