@@ -137,7 +137,7 @@ def test_cli_exports_and_predicts_on_onnx_runtime_and_names_a_missing_graph(
     assert code == 2 and "not a trained vqflow model" in err
 
 
-def test_static_same_padding_keeps_the_backbone_outputs_and_leaves_no_shape_arithmetic(trained_project, tmp_path):
+def test_static_same_padding_keeps_the_backbone_outputs_and_leaves_no_shape_arithmetic(trained_project):
     import onnx
 
     _, params = trained_project
