@@ -19,8 +19,9 @@ def _entries(stage: dict) -> dict[str, str]:
     return found
 
 
-committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:dvc.lock"], capture_output=True, text=True,
-                                          check=True).stdout)["stages"]
+committed = yaml.safe_load(
+    subprocess.run(["git", "show", "HEAD:dvc.lock"], capture_output=True, text=True, check=True).stdout
+)["stages"]
 current = yaml.safe_load(open("dvc.lock"))["stages"]
 differences = []
 for stage in sorted(set(committed) | set(current)):
@@ -29,6 +30,8 @@ for stage in sorted(set(committed) | set(current)):
     if changed:
         differences.append(f"stage {stage}: " + ", ".join(changed))
 if differences or subprocess.run(["git", "diff", "--quiet", "dvc.lock"]).returncode:
-    print("dvc.lock after `make run` differs from the committed one:\n  " + "\n  ".join(differences or ["(layout only)"]))
+    print(
+        "dvc.lock after `make run` differs from the committed one:\n  " + "\n  ".join(differences or ["(layout only)"])
+    )
     sys.exit(1)
 print("dvc.lock after `make run` equals the committed one")
