@@ -34,6 +34,11 @@ STEPS = {
         "ablation_default",
         "VQ-Flow's parts (paper Table 4) on the default dataset",
     ),
+    "seeds-default": (
+        [sys.executable, "bench/seeds.py", "--suite", "default"],
+        "seeds_default",
+        "How far the default-suite rows move with the training seed",
+    ),
     "score-rules-default": (
         [sys.executable, "bench/score_rules.py", "--suite", "default", "--experiment", "default-vqflow"],
         "score_rules_default",
@@ -95,7 +100,7 @@ def summary() -> Path:
     block = "\n\n".join(
         f"#### {title}\n\n{text}"
         for stem, title, text in sections
-        if not stem.startswith(("experiments_", "ablation_", "score_rules_"))
+        if not stem.startswith(("experiments_", "ablation_", "seeds_", "score_rules_"))
     )
     pattern = re.compile(r"(<!-- bench:summary -->\n).*?(<!-- /bench:summary -->)", re.S)
     text = readme.read_text()
