@@ -1,5 +1,5 @@
 """Fault injection for the retrain flow: run it as a process of its own, kill -9 its whole process group (the flow,
-its Prefect server, the stage it runs) when a line of its output says it reached a point, and check what a
+its ephemeral Prefect server if it has one, the stage it runs) when a line of its output says it reached a point, and check what a
 crash must never do: lose, duplicate or half-commit an inbox image, or change the champion."""
 
 from __future__ import annotations
@@ -38,9 +38,17 @@ class FlowRun:
 
 
 def run_retrain(
-    repo: Path, kill_at: str | None = None, delay: float = 0.0, push: bool = False, timeout: float = 900.0
+    repo: Path,
+    kill_at: str | None = None,
+    delay: float = 0.0,
+    push: bool = False,
+    timeout: float = 900.0,
+    api_url: str | None = None,
 ) -> FlowRun:
-    """`retrain(repo)` in a new session; with ``kill_at``, SIGKILL to the session when that text is printed."""
+    """`retrain(repo)` in a new session; with ``kill_at``, SIGKILL to the session when that text is printed.
+
+    Without ``api_url`` the flow starts an ephemeral Prefect server inside the session (killed with it, as on a
+    laptop); with it, the flow reports to that running server, which outlives the kill (as on a work pool)."""
     code = f"from flows.retrain import retrain; print('RESULT', retrain({str(repo)!r}, push={push!r}))"
     # a Prefect home of these runs' own: the caller's ephemeral server may hold its own database open
     env = {
@@ -50,6 +58,8 @@ def run_retrain(
         "PREFECT_HOME": str(repo.parent / f"{repo.name}-prefect"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     start = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, "-c", code],

@@ -32,6 +32,29 @@ def repo(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A Prefect server on 127.0.0.1 for the flow runs this module starts as processes of their own: each would
+    otherwise start (and lose to kill -9) an ephemeral server of its own, ~10 s a run; bench/fault_injection.py
+    kills runs with their ephemeral server."""
+    from vqflow.testing import free_port, wait_http
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-server"))}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def _added(repo) -> list[str]:
     folder = repo / "data/added/wood"
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -91,7 +114,7 @@ def _new_normals(repo, count, start):
     return new_normals(repo / "data/inbox", count, start)
 
 
-def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9_anywhere(repo):
+def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9_anywhere(repo, prefect_api):
     """Two new normal images and a corrupt one. kill -9 of the flow's process group at 6 points of one retrain
     (each next run gets one point further, after the recovery every run starts with), then at a 7th point after
     it landed on main (a complete run), then a run that finds the landed images still in the inbox: nothing is
@@ -107,7 +130,7 @@ def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9_anywhere(re
     images = {digest(p): p.name for p in new}
     (repo / "data/inbox/wood/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     for name, marker, delay in KILL_POINTS:
-        run = run_retrain(repo, marker, delay)
+        run = run_retrain(repo, marker, delay, api_url=prefect_api)
         assert run.killed, f"{name}: the flow never printed {marker!r} (exit {run.returncode}):\n{run.output[-4000:]}"
         recover.fn(str(repo))  # the first step of the next run, checked on its own
         landed = name == "after landing"
@@ -122,7 +145,7 @@ def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9_anywhere(re
     # the state it leaves at worst, made exactly: committed images still in the inbox
     for path, content in zip(new, [committed_copy(repo, sha) for sha in images]):
         path.write_bytes(content)
-    final = run_retrain(repo)
+    final = run_retrain(repo, api_url=prefect_api)
     assert final.returncode == 0 and "already committed by an interrupted run" in final.output, final.output[-4000:]
     assert "Running stage" not in final.output, "no second training for images main already holds"
     assert not any(p.exists() for p in new)
