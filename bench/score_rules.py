@@ -264,16 +264,8 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     val = rule_scores(val_maps, val_log_likelihood, val_pooled, train_maps, train_pooled, size, val_base)
     pixel = pixel_results(pixel_rule_maps(val_base), val_categories, val_masks)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
-    test_maps, test_log_likelihood, test_pooled = log_p_maps(model, cached(cache, test.image_id.tolist()))
-    scored = rule_scores(
-        test_maps,
-        test_log_likelihood,
-        test_pooled,
-        train_maps,
-        train_pooled,
-        size,
-        base_maps(test_maps, train_maps, size),
-    )
+    test_outputs = log_p_maps(model, cached(cache, test.image_id.tolist()))  # (maps, log-likelihood, pooled)
+    scored = rule_scores(*test_outputs, train_maps, train_pooled, size, base_maps(test_outputs[0], train_maps, size))
     names = sorted(set(test.category))
     results = {}
     for rule in scored:
