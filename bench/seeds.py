@@ -29,8 +29,7 @@ DEFAULT_VARIANTS = ["+CPC+CADM+CSPC = vqflow", "msflow (PE condition, N(0, I))",
 
 def spread(values: list[float]) -> str:
     """mean ± sample standard deviation, in points."""
-    mean = 100 * statistics.fmean(values)
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def table(suite: str, runs: dict[str, dict[int, dict]]) -> str:
@@ -67,7 +66,7 @@ def main() -> None:
 
     from vqflow import stages
 
-    base, work = ablation_base(args.suite, args.shared)
+    base, _ = ablation_base(args.suite, args.shared)
     if args.suite == "default":
         stages.generate(base)
     stages.prepare(base)

@@ -1,6 +1,6 @@
 """Fault injection for the retrain flow: run it as a process of its own, kill -9 its whole process group (the flow,
-its ephemeral Prefect server if it has one, the stage it runs) when a line of its output says it reached a point, and check what a
-crash must never do: lose, duplicate or half-commit an inbox image, or change the champion."""
+its ephemeral Prefect server if it has one, the stage it runs) when a line of its output says it reached a point,
+and check what a crash must never do: lose, duplicate or half-commit an inbox image, or change the champion."""
 
 from __future__ import annotations
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vqflow.testing import tiny_params  # noqa: F401  (tests import it from here too)
+from vqflow.testing import free_port, tiny_params, wait_http  # noqa: F401  (tests import tiny_params from here too)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VQFLOW_SHARED", ROOT.parent / "shared")).resolve()
@@ -25,6 +29,24 @@ for key, value in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def prefect_server(env: dict) -> Iterator[str]:
+    """`prefect server start` on a free 127.0.0.1 port with ``env``; yields its API URL and stops it afterwards."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def needs_shared(*parts: str):

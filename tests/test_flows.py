@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from flows.faults import new_normals, scratch_repo
+from tests.conftest import prefect_server
 
 
 def _git(repo, *args):
@@ -34,25 +35,11 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    """A Prefect server on 127.0.0.1 for the flow runs this module starts as processes of their own: each would
-    otherwise start (and lose to kill -9) an ephemeral server of its own, ~10 s a run; bench/fault_injection.py
-    kills runs with their ephemeral server."""
-    from vqflow.testing import free_port, wait_http
-
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-server"))}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180)
-        yield f"http://127.0.0.1:{port}/api"
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    """A Prefect server for the flow runs this module starts as processes of their own: each would otherwise start
+    (and lose to kill -9) an ephemeral server of its own, ~10 s a run; bench/fault_injection.py kills runs with
+    their ephemeral server."""
+    with prefect_server({**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-server"))}) as url:
+        yield url
 
 
 def _added(repo) -> list[str]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from tests.conftest import ROOT
-from vqflow.testing import free_port, moto_s3, repo_params, s3_client, s3_env, wait_http
+from tests.conftest import ROOT, prefect_server
+from vqflow.testing import moto_s3, repo_params, s3_client, s3_env
 
 BIN = Path(sys.executable).parent
 
@@ -57,12 +57,10 @@ def test_a_worker_clones_retrains_and_pushes_and_a_second_clone_sees_it(tmp_path
         s3 = s3_client(endpoint)
         for bucket in ("vqflow-dvc", "vqflow-models"):
             s3.create_bucket(Bucket=bucket)
-        port = free_port()
         env = {
             **s3_env(endpoint),
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "PREFECT_HOME": str(tmp_path / "prefect"),
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "INFO",
             "VQFLOW_GIT_URL": f"file://{origin}",
@@ -80,15 +78,8 @@ def test_a_worker_clones_retrains_and_pushes_and_a_second_clone_sees_it(tmp_path
         for i in range(3):
             Image.fromarray(render_sample("wood", "train", 800 + i, size=64)[0]).save(inbox / "wood" / f"line_{i}.png")
 
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        worker = None
-        try:
-            wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180)
+        with prefect_server(env) as api_url:
+            env["PREFECT_API_URL"] = api_url
             _run([str(BIN / "prefect"), "work-pool", "create", "gpu", "--type", "process"], tmp_path, env)
             _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "retrain"], tmp_path / "dev", env)
             # the worker machine: no checkout, no git identity, only the environment the README lists
@@ -101,28 +92,27 @@ def test_a_worker_clones_retrains_and_pushes_and_a_second_clone_sees_it(tmp_path
                 stdout=worker_log,
                 stderr=subprocess.STDOUT,
             )
-            run = subprocess.run(
-                [
-                    str(BIN / "prefect"),
-                    "deployment",
-                    "run",
-                    "vqflow-retrain/retrain",
-                    "--watch",
-                    "--watch-timeout",
-                    "900",
-                ],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
+            try:
+                run = subprocess.run(
+                    [
+                        str(BIN / "prefect"),
+                        "deployment",
+                        "run",
+                        "vqflow-retrain/retrain",
+                        "--watch",
+                        "--watch-timeout",
+                        "900",
+                    ],
+                    cwd=tmp_path,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+            finally:
+                worker.terminate()
+                worker.wait(timeout=60)
             log = (tmp_path / "worker.log").read_text()
             assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-2000:] + log[-6000:]
-        finally:
-            for process in (worker, server):
-                if process is not None:
-                    process.terminate()
-                    process.wait(timeout=60)
 
         assert not list(inbox.rglob("*.png")), "the images left the inbox after the push"
         assert list(pool_dir.iterdir()) == [], "the worker's run worked in a directory of its own"
