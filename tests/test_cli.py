@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
@@ -15,9 +17,11 @@ from tests.conftest import ROOT
 from vqflow.testing import tiny_params
 
 
-def _vqflow(tmp_path: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
+def _vqflow(tmp_path: Path, params: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, "-m", "vqflow.cli", *args], cwd=tmp_path, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "vqflow.cli", *args], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
 
 
 def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
@@ -174,3 +178,30 @@ def test_the_command_pins_torch_kernels_unless_the_user_chose(user_value, expect
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert run.stdout.split()[-1] == expected, run.stdout + run.stderr
+
+
+@pytest.mark.skipif(
+    not CPU_INFO.exists() or "avx2" not in CPU_INFO.read_text() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="needs an x86-64 CPU with bfloat16 kernels",
+)
+def test_bfloat16_training_is_not_pinned_and_refused_where_it_would_crawl(trained_project, tmp_path):
+    from vqflow.cli import EXIT_BAD_INPUT, REPRODUCIBLE_KERNELS
+
+    _, params = trained_project
+    params = copy.deepcopy(params)
+    params["train"].update(onnx=False, per_model={"vqflow": {"precision": "bfloat16"}})
+    model = tmp_path / "model"
+    params["outputs"].update(
+        model=str(model), checkpoints=str(tmp_path / "checkpoints"), train_log=str(tmp_path / "train_log.json")
+    )
+    unpinned = {k: v for k, v in os.environ.items() if k not in REPRODUCIBLE_KERNELS}
+    trained = _vqflow(tmp_path, params, "train", env=unpinned)
+    assert trained.returncode == 0, trained.stderr  # the command did not pin the train stage to AVX2
+    weights = (model / "model.safetensors").read_bytes()
+
+    # a user who pins the kernels gets a clear refusal (a step would be ~10x slower), and the model stays
+    shutil.rmtree(tmp_path / "checkpoints")
+    refused = _vqflow(tmp_path, params, "train", env={**unpinned, **REPRODUCIBLE_KERNELS})
+    assert refused.returncode == EXIT_BAD_INPUT
+    assert "train.precision: bfloat16 needs bfloat16 CPU kernels" in refused.stderr and "AVX2" in refused.stderr
+    assert (model / "model.safetensors").read_bytes() == weights

@@ -177,7 +177,7 @@ def summary_stage(params: dict, args: argparse.Namespace) -> None:
 
 # AVX-512 kernels round differently from AVX2 ones: unpinned, the same training on an AVX-512 machine diverged in the
 # 7th digit and did not reproduce dvc.lock; pinned, it matched an AVX2 machine's bit for bit. Set before torch loads
-# (the stages import it lazily); a user's own setting wins.
+# (the stages import it lazily); a user's own setting wins. Not pinned: the train stage of a bfloat16 run.
 REPRODUCIBLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
 
 
@@ -187,8 +187,19 @@ def pin_cpu_kernels() -> None:
             os.environ.setdefault(key, value)
 
 
+def trains_in_bfloat16(params: dict) -> bool:
+    """Whether the configured model's training precision (``train.precision``, or its ``train.per_model`` recipe's)
+    is bfloat16, whose kernels are AVX-512 / AMX ones: that run cannot be pinned to AVX2 (~10x slower there), and
+    rounds differently on every CPU type anyway."""
+    train, model = params.get("train"), params.get("model")
+    if not isinstance(train, dict):
+        return False
+    name = model.get("name") if isinstance(model, dict) else None
+    recipe = (train.get("per_model") or {}).get(name) if isinstance(train.get("per_model"), dict) else None
+    return (recipe if isinstance(recipe, dict) and "precision" in recipe else train).get("precision") == "bfloat16"
+
+
 def main(argv: list[str] | None = None) -> int:
-    pin_cpu_kernels()
     parser = argparse.ArgumentParser(prog="vqflow", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -213,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--model", help="model directory that scores them (default: outputs.model)")
     args = parser.parse_args(argv)
     try:
-        STAGES[args.stage](load_params(args.params), args)
+        params = load_params(args.params)
+        if not (args.stage == "train" and trains_in_bfloat16(params)):
+            pin_cpu_kernels()
+        STAGES[args.stage](params, args)
     except stages.DataValidationError as exc:
         from .report import print_validation
 

@@ -4,6 +4,8 @@ checkpoints every N epochs and exact resumption after an interruption."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import random
@@ -38,10 +40,13 @@ class TrainConfig:
     checkpoint_every: int = 5
     init_images: int = 64
     device: str = "auto"
+    precision: str = "float32"  # float32 | bfloat16: the training step under bfloat16 autocast
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     @classmethod
     def from_params(cls, params: dict, model_name: str | None = None) -> "TrainConfig":
@@ -60,6 +65,26 @@ class TrainConfig:
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+PRECISIONS = ("float32", "bfloat16")
+
+
+def step_precision(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context a training step runs in. ``bfloat16``: autocast (convolutions and matmuls in bfloat16; weights,
+    optimizer state, VQ-Flow's codebooks and density sums in float32; no loss scaling: bfloat16 has float32's range).
+    Refused where it would be slower than float32: a CPU whose oneDNN has no bfloat16 kernels (no AVX-512, or
+    kernels pinned to AVX2), a GPU without bfloat16."""
+    if precision == "float32":
+        return contextlib.nullcontext
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError(
+            f"train.precision: bfloat16 needs bfloat16 CPU kernels, and torch runs its "
+            f"{torch.backends.cpu.get_cpu_capability()} kernels here (an older CPU, or kernels pinned with "
+            "ATEN_CPU_CAPABILITY / DNNL_MAX_CPU_ISA), where a step takes ~10x longer than in float32: use float32, "
+            "or a CPU with AVX-512 (AVX512-BF16 / AMX for the full gain), or a GPU"
+        )
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision: bfloat16 is not supported on {torch.cuda.get_device_name(device)}")
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
 
 
 class FeatureSet(Protocol):
@@ -212,6 +237,7 @@ def train_model(
     count = len(features)
     if count == 0:
         raise ValueError("no training images")
+    precision = step_precision(cfg.precision, device)
     seed_everything(cfg.seed)
     model.to(device)
     init_ids = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.init_images]
@@ -249,7 +275,8 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for chunk in model.training_chunks([f.to(device, non_blocking=True) for f in stages]):
-                out = model.training_step(chunk)
+                with precision():
+                    out = model.training_step(chunk)
                 if not torch.isfinite(out.loss):
                     raise FloatingPointError(
                         f"epoch {epoch + 1} step {step}: loss is {out.loss.item()} (lower train.lr?)"
@@ -306,5 +333,6 @@ __all__ = [
     "write_history",
     "fingerprint",
     "learning_rate",
+    "step_precision",
     "seed_everything",
 ]

@@ -11,6 +11,11 @@ from torch import nn
 LOG_2PI = math.log(2 * math.pi)
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is in a lower precision (bfloat16 under autocast); float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """Elementwise log N(z; mean, exp(log_scale)^2), the -log sigma term included."""
     return -0.5 * ((z - mean) * torch.exp(-log_scale)) ** 2 - log_scale - 0.5 * LOG_2PI
@@ -47,13 +52,15 @@ class ConceptGaussian(nn.Module):
 def summed_log_density(
     zs: Sequence[torch.Tensor], params: Sequence[tuple[torch.Tensor, torch.Tensor]] | None
 ) -> torch.Tensor:
-    """Sum over scales, channels and pixels of log N(z_l; mean_l, scale_l^2) per image; N(0, I) if no params."""
-    total = zs[0].new_zeros(zs[0].shape[0])
+    """Sum over scales, channels and pixels of log N(z_l; mean_l, scale_l^2) per image; N(0, I) if no params.
+    In float32 whatever the flows and heads returned under autocast (bfloat16 sums of ~40k terms are tens of nats off)."""
+    total = at_least_float32(zs[0].new_zeros(zs[0].shape[0]))
     for l, z in enumerate(zs):
+        z = at_least_float32(z)
         if params is None:
             mean = log_scale = torch.zeros((), device=z.device, dtype=z.dtype)
         else:
-            mean, log_scale = (p[:, :, None, None] for p in params[l])
+            mean, log_scale = (at_least_float32(p[:, :, None, None]) for p in params[l])
         total = total + gaussian_log_density(z, mean, log_scale).sum((1, 2, 3))
     return total
 
@@ -67,6 +74,7 @@ def mixture_log_density(
     """
     per_component = log_weights[None].expand(zs[0].shape[0], -1)
     for z, (mean, log_scale) in zip(zs, params):
+        z, mean, log_scale = (at_least_float32(t) for t in (z, mean, log_scale))  # as in summed_log_density
         pixels = z.shape[2] * z.shape[3]
         s1, s2 = z.sum((2, 3)), (z * z).sum((2, 3))  # (B, C)
         inv_var = torch.exp(-2 * log_scale)  # (K, C)

@@ -76,13 +76,17 @@ class VectorQuantizer(nn.Module):
                     "the codebook was never initialised: train the model (or load trained weights) first"
                 )
             self.initialize(vectors)
-        flat = vectors.reshape(-1, self.dim)
-        indices = self.nearest(flat.detach())
-        codes = F.embedding(indices, self.codebook).view_as(vectors).clone()
-        if self.training:
-            self._ema_update(flat.detach(), indices)
-        commitment = F.mse_loss(vectors, codes.detach())
-        output = vectors + (codes - vectors).detach()
+        # in the codebook's precision under autocast too (train.precision: bfloat16): bfloat16 distances blur the
+        # nearest-code choice, and the EMA update and dead-code restarts write into the codebook
+        with torch.autocast(vectors.device.type, enabled=False):
+            vectors = vectors.to(self.codebook.dtype)
+            flat = vectors.reshape(-1, self.dim)
+            indices = self.nearest(flat.detach())
+            codes = F.embedding(indices, self.codebook).view_as(vectors).clone()
+            if self.training:
+                self._ema_update(flat.detach(), indices)
+            commitment = F.mse_loss(vectors, codes.detach())
+            output = vectors + (codes - vectors).detach()
         return Quantized(output, codes, indices.view(vectors.shape[:-1]), commitment)
 
     @torch.no_grad()
