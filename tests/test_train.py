@@ -50,6 +50,7 @@ def test_bfloat16_training_follows_float32(name):
     np.testing.assert_allclose(fast_nll, exact_nll, rtol=0.003)  # measured 5e-4; 4 epochs move it 1.5 %
     assert fast_nll[-1] < fast_nll[0]
     assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
+    assert all(t.is_contiguous() for t in model.state_dict().values())  # channels-last in training only
 
 
 def test_loss_curves_plot_every_trained_run_from_its_log(tmp_path):
@@ -65,19 +66,24 @@ def test_loss_curves_plot_every_trained_run_from_its_log(tmp_path):
     assert "vqflow-run" in text and "padim-run" not in text
 
 
-@pytest.mark.parametrize("name", ["vqflow", "msflow", "cflow", "vitad"])  # every model trained by gradient
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name):
+@pytest.mark.parametrize(
+    "name, precision",
+    [(name, "float32") for name in ("vqflow", "msflow", "cflow", "vitad")]  # every model trained by gradient
+    + [pytest.param("vqflow", "bfloat16", marks=pytest.mark.skipif(not BF16_KERNELS, reason="no bfloat16 kernels"))],
+)
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name, precision):
     features = tiny_features(12)
+    cfg = dataclasses.replace(CFG, precision=precision)
     whole = _fresh(name)
     full_history = train_model(
-        whole, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "a", "k"), progress=False
+        whole, features, cfg, torch.device("cpu"), Checkpoint(tmp_path / "a", "k"), progress=False
     )
 
     interrupted = _fresh(name)
     partial = train_model(
         interrupted,
         features,
-        CFG,
+        cfg,
         torch.device("cpu"),
         Checkpoint(tmp_path / "b", "k"),
         progress=False,
@@ -85,7 +91,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name):
     )
     assert len(partial) == 2
     resumed = _fresh(name)  # a new process would start from scratch and find the checkpoint
-    history = train_model(resumed, features, CFG, torch.device("cpu"), Checkpoint(tmp_path / "b", "k"), progress=False)
+    history = train_model(resumed, features, cfg, torch.device("cpu"), Checkpoint(tmp_path / "b", "k"), progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert [h["loss"] for h in history] == [h["loss"] for h in full_history]
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
