@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ import torch
 from tests.test_baselines import TINY_BY_MODEL
 from tests.test_vqflow_model import tiny_features
 from vqflow.models import create_model, make_config
-from vqflow.train import Checkpoint, TrainConfig, learning_rate, seed_everything, train_model
+import vqflow
+from vqflow.train import Checkpoint, TrainConfig, learning_rate, seed_everything, source_digest, train_model
 
 CFG = TrainConfig(epochs=4, batch_size=4, lr=1e-3, warmup_epochs=1, checkpoint_every=1, init_images=8, seed=5)
 
@@ -98,6 +101,16 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name, p
         assert torch.equal(a, b), key
     progress = json.loads((tmp_path / "b" / "progress.json").read_text())
     assert progress["epoch"] == 3
+
+
+def test_a_checkpoint_is_resumed_only_by_the_code_that_wrote_it(tmp_path):
+    library = Path(vqflow.__file__).parent
+    copy = tmp_path / "vqflow"
+    shutil.copytree(library, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(copy) == source_digest(library) == source_digest()
+    flows = copy / "models" / "flows.py"
+    flows.write_text(flows.read_text().replace("clamp", "clamp ", 1))  # any edit of the library's source
+    assert source_digest(copy) != source_digest(library)
 
 
 def test_checkpoint_of_another_configuration_is_ignored(tmp_path):

@@ -83,7 +83,7 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     from .bundle import ModelBundle
     from .models import config_from_params, create_model
     from .features import CachedFeatures
-    from .train import Checkpoint, TrainConfig, fingerprint, seed_everything, train_model, write_history
+    from .train import Checkpoint, TrainConfig, fingerprint, seed_everything, source_digest, train_model, write_history
 
     manifest, cache = _manifest_and_cache(params)
     name, config = config_from_params(
@@ -98,7 +98,7 @@ def train(params: dict, stop_after_epoch: int | None = None) -> Path:
     train_ids = manifest.loc[manifest.split == "train", "image_id"].tolist()
     features = CachedFeatures(cache, train_ids)
     out = section(params, "outputs", ("model", "train_log", "checkpoints"))
-    key = fingerprint(name, dataclasses.asdict(config), cfg.__dict__, cache.index["key"])
+    key = fingerprint(name, dataclasses.asdict(config), cfg.__dict__, cache.index["key"], source_digest())
     checkpoint = Checkpoint(Path(out["checkpoints"]) / key, key)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
