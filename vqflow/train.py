@@ -255,12 +255,6 @@ def train_model(
     batch = min(cfg.batch_size, count)
     epochs = cfg.epochs if model.trainable else 0  # a statistics-only model is fitted below, in one pass
     start, history = 0, []
-    # bfloat16 convolutions run fastest in oneDNN's channels-last layout (float32 ones hardly gain; their model stays
-    # as it was); the model returns to the default layout after training
-    channels_last = cfg.precision == "bfloat16"
-    layout = torch.channels_last if channels_last else torch.preserve_format
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     if epochs:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = cfg.make_optimizer(params)
@@ -290,7 +284,7 @@ def train_model(
             lr = learning_rate(cfg, epoch, step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for chunk in model.training_chunks([f.to(device, non_blocking=True, memory_format=layout) for f in stages]):
+            for chunk in model.training_chunks([f.to(device, non_blocking=True) for f in stages]):
                 with precision():
                     out = model.training_step(chunk)
                 if not torch.isfinite(out.loss):
@@ -322,8 +316,6 @@ def train_model(
             checkpoint.save(model, optimizer, epoch, history)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
             return history
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
     model.eval()
     started = time.perf_counter()
     with torch.no_grad():
