@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, machine, registered_models, replace_readme_block, write_results  # noqa: E402
 from flows.retrain import git_kept_outputs  # noqa: E402
-from vqflow.config import load_params  # noqa: E402
+from vqflow.config import load_params, train_recipe  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
 from vqflow.timing import timing_path  # noqa: E402
 
@@ -42,9 +42,9 @@ METRICS = [
 
 def fast_precision() -> str:
     """bfloat16 if torch has bfloat16 CPU kernels here (else the train stage would refuse it), else float32."""
-    import torch
+    from vqflow.train import cpu_has_bfloat16
 
-    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_bfloat16() else "float32"
 
 
 def suite_settings(suite: str, shared: str) -> dict[str, object]:
@@ -233,8 +233,7 @@ def table(suite: str, readme: Path, models: list[str]) -> str:
         if exp is None or not exp["metrics"]:
             continue
         m = exp["metrics"]
-        train_params = {**exp["params"]["train"], **exp["params"]["train"].get("per_model", {}).get(model, {})}
-        train_params.pop("per_model", None)
+        train_params = train_recipe(exp["params"]["train"], model)
         timed = read_json(TIMING / f"{suite}-{model}.json")
         record = {
             "experiment": f"{suite}-{model}",

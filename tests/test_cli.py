@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+
 import yaml
 from sklearn.metrics import roc_auc_score
 
 from tests.conftest import ROOT
 from vqflow.testing import tiny_params
+from vqflow.train import cpu_has_bfloat16
 
 
 def _vqflow(tmp_path: Path, params: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -181,7 +182,7 @@ def test_the_command_pins_torch_kernels_unless_the_user_chose(user_value, expect
 
 
 @pytest.mark.skipif(
-    not CPU_INFO.exists() or "avx2" not in CPU_INFO.read_text() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    not CPU_INFO.exists() or "avx2" not in CPU_INFO.read_text() or not cpu_has_bfloat16(),
     reason="needs an x86-64 CPU with bfloat16 kernels",
 )
 def test_bfloat16_training_is_not_pinned_and_refused_where_it_would_crawl(trained_project, tmp_path):

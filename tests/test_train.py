@@ -11,7 +11,15 @@ from tests.test_baselines import TINY_BY_MODEL
 from tests.test_vqflow_model import tiny_features
 from vqflow.models import create_model, make_config
 import vqflow
-from vqflow.train import Checkpoint, TrainConfig, learning_rate, seed_everything, source_digest, train_model
+from vqflow.train import (
+    Checkpoint,
+    TrainConfig,
+    cpu_has_bfloat16,
+    learning_rate,
+    seed_everything,
+    source_digest,
+    train_model,
+)
 
 CFG = TrainConfig(epochs=4, batch_size=4, lr=1e-3, warmup_epochs=1, checkpoint_every=1, init_images=8, seed=5)
 
@@ -36,7 +44,7 @@ def test_training_lowers_the_loss_and_logs_usage():
     assert 0 < history[-1]["cpc_used"] <= 1 and history[-1]["cspc0_perplexity"] >= 1
 
 
-BF16_KERNELS = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+BF16_KERNELS = cpu_has_bfloat16()
 
 
 @pytest.mark.skipif(not BF16_KERNELS, reason="no bfloat16 CPU kernels here: train.precision: bfloat16 is refused")

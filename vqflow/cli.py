@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import stages
-from .config import ParamsError, load_params
+from .config import ParamsError, load_params, train_recipe
 
 STAGES: dict[str, Callable[[dict, argparse.Namespace], None]] = {}
 
@@ -192,11 +192,12 @@ def trains_in_bfloat16(params: dict) -> bool:
     is bfloat16, whose kernels are AVX-512 / AMX ones: that run cannot be pinned to AVX2 (~10x slower there), and
     rounds differently on every CPU type anyway."""
     train, model = params.get("train"), params.get("model")
-    if not isinstance(train, dict):
+    if not isinstance(train, dict) or not isinstance(model, dict):
+        return False  # malformed params: the stage names the field
+    try:
+        return train_recipe(train, model.get("name")).get("precision") == "bfloat16"
+    except (AttributeError, TypeError):  # a per_model that is not a mapping: the train stage names it
         return False
-    name = model.get("name") if isinstance(model, dict) else None
-    recipe = (train.get("per_model") or {}).get(name) if isinstance(train.get("per_model"), dict) else None
-    return (recipe if isinstance(recipe, dict) and "precision" in recipe else train).get("precision") == "bfloat16"
 
 
 def main(argv: list[str] | None = None) -> int:

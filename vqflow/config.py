@@ -38,6 +38,12 @@ def section(params: dict[str, Any], name: str, required: tuple[str, ...] = ()) -
     return values
 
 
+def train_recipe(train: dict[str, Any], model_name: str | None) -> dict[str, Any]:
+    """The ``train`` section with ``train.per_model.<model_name>`` (a model's own recipe) applied over it."""
+    recipe = (train.get("per_model") or {}).get(model_name) or {}
+    return {**{k: v for k, v in train.items() if k != "per_model"}, **recipe}
+
+
 SERVE_CHOICES = {"runtime": ("torch", "onnx")}
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .config import train_recipe
 from .io import atomic_dir, read_json, write_json
 from .models import AnomalyModel
 from .models.quantize import perplexity
@@ -51,14 +52,16 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: dict, model_name: str | None = None) -> "TrainConfig":
         """The ``train`` section, with ``train.per_model.<model_name>`` (a model's own recipe) applied over it."""
-        params = dict(params)
-        per_model = params.pop("per_model", None) or {}
         known = set(cls.__dataclass_fields__)
-        for where, values in [("train", params)] + [(f"train.per_model.{m}", v) for m, v in per_model.items()]:
-            unknown = sorted(set(values) - known)
+        per_model = params.get("per_model") or {}
+        sections = [("train", set(params) - {"per_model"})] + [
+            (f"train.per_model.{m}", set(v)) for m, v in per_model.items()
+        ]
+        for where, keys in sections:
+            unknown = sorted(keys - known)
             if unknown:
                 raise ValueError(f"{where}: unknown params {unknown}; known: {sorted(known)}")
-        return cls(**{**params, **per_model.get(model_name, {})})
+        return cls(**train_recipe(params, model_name))
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         return OPTIMIZERS[self.optimizer](params, lr=self.lr, weight_decay=self.weight_decay)
@@ -68,6 +71,11 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 PRECISIONS = ("float32", "bfloat16")
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether torch runs bfloat16 CPU kernels here (oneDNN on AVX-512; not with kernels pinned to AVX2)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def step_precision(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """The context a training step runs in. ``bfloat16``: autocast (convolutions and matmuls in bfloat16; weights,
     optimizer state, VQ-Flow's codebooks and density sums in float32; no loss scaling: bfloat16 has float32's range).
@@ -75,7 +83,7 @@ def step_precision(precision: str, device: torch.device) -> Callable[[], context
     kernels pinned to AVX2), a GPU without bfloat16."""
     if precision == "float32":
         return contextlib.nullcontext
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and not cpu_has_bfloat16():
         raise ValueError(
             f"train.precision: bfloat16 needs bfloat16 CPU kernels, and torch runs its "
             f"{torch.backends.cpu.get_cpu_capability()} kernels here (an older CPU, or kernels pinned with "
@@ -345,5 +353,6 @@ __all__ = [
     "source_digest",
     "learning_rate",
     "step_precision",
+    "cpu_has_bfloat16",
     "seed_everything",
 ]
