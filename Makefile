@@ -31,7 +31,7 @@ run: $(STAMP)
 	vqflow summary
 
 test: $(STAMP)
-	pytest -q --durations=25
+	pytest -q -n 2 --dist loadfile --durations=25
 
 # The bench-only peer (anomalib) lives in its own environment, never in .venv.
 PEER := .venv-peer

@@ -30,6 +30,17 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
+# `make test` runs the files on two pytest-xdist workers: each gets tool homes of its own (two ephemeral Prefect
+# servers on one SQLite database lock each other out) and one compute thread per process, itself and what it
+# starts (two workers with a thread per core each would oversubscribe the cores).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    for home in ("PREFECT_HOME", "BENTOML_HOME"):
+        if home in os.environ:
+            os.environ[home] = str(Path(os.environ[home]) / WORKER)
+    for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[threads] = "1"
+
 
 @contextlib.contextmanager
 def prefect_server(env: dict) -> Iterator[str]:
