@@ -206,3 +206,30 @@ def test_bfloat16_training_is_not_pinned_and_refused_where_it_would_crawl(traine
     assert refused.returncode == EXIT_BAD_INPUT
     assert "train.precision: bfloat16 needs bfloat16 CPU kernels" in refused.stderr and "AVX2" in refused.stderr
     assert (model / "model.safetensors").read_bytes() == weights
+
+
+def test_the_train_stage_never_resumes_a_checkpoint_of_other_code(trained_project, tmp_path):
+    """The train stage keys its checkpoint by the library's source: the same command run by edited code (a copy of
+    the library on PYTHONPATH) trains anew beside the old checkpoint instead of returning the old code's model."""
+    _, params = trained_project
+    params = copy.deepcopy(params)
+    params["train"]["onnx"] = False
+    checkpoints = tmp_path / "checkpoints"
+    params["outputs"].update(
+        model=str(tmp_path / "model"), checkpoints=str(checkpoints), train_log=str(tmp_path / "train_log.json")
+    )
+    library = tmp_path / "library"
+    shutil.copytree(ROOT / "vqflow", library / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(library)}
+
+    def train() -> list[str]:
+        result = _vqflow(tmp_path, params, "train", env=env)
+        assert result.returncode == 0, result.stderr
+        return sorted(p.name for p in checkpoints.iterdir())
+
+    first = train()
+    assert len(first) == 1 and train() == first  # the same code finds its finished checkpoint
+    flows = library / "vqflow/models/flows.py"
+    flows.write_text(flows.read_text() + "\n# an edit of the library\n")
+    second = train()
+    assert len(second) == 2 and set(first) < set(second)
