@@ -10,9 +10,10 @@ encoding + fusion flow, N(0, I) base.
 - CADM: the base density of scale l is N(mu_l(c_k), sigma_l(c_k)^2), a proper log-density (with -log sigma);
   ``cadm_mixture: soft`` uses the mixture over all prototypes with learned weights instead of the hard one;
   ``cadm_placement: parallel`` standardises the parallel flows' outputs before the fusion (released code).
-- Scores (``normalization``): ``train``: image = top-k mean of c - sum_l log p_l, c fitted on training images;
-  ``position``: top-k mean of sum_l z_l, each scale's -log p_l standardised per position with its mean and std
-  over the training images; ``image``: MSFlow's per-image normalisation. The map is MSFlow's add map.
+- Scores (``normalization``): ``position`` (default): image = top-k mean of sum_l z_l, each scale's -log p_l
+  standardised per position with its mean and std over the training images; ``train``: top-k mean of
+  c - sum_l log p_l, c fitted on training images; ``image``: MSFlow's per-image normalisation. The map is
+  MSFlow's add map.
 - ``global_gaussian``: the image's pooled stride-32 feature (the CPC's input, before its projection) gets a
   Gaussian density fitted on the training images (Ledoit-Wolf covariance) and enters the detection map as a
   fourth, 1 x 1 scale: its log p per dimension (times ``global_weight``) is added to every pixel. A wrong kind of
@@ -62,8 +63,8 @@ class VQFlowConfig:
     lambda_cpc: float = 1.0
     lambda_cspc: float = 1.0
     top_k: float = 0.03
-    normalization: str = "train"  # train: relative to the training images' max | image: to each image's own max
-    # | position: score from -log p_l standardised per position (training mean/std)
+    normalization: str = "position"  # position: score from -log p_l standardised per position (training mean/std)
+    # | train: relative to the training images' max | image: to each image's own max
     global_gaussian: bool = False  # a Gaussian on the pooled stride-32 feature as a 1 x 1 fourth detection scale
     global_weight: float = 1.0  # its weight: 1 = one more scale; 3 = as much as the three local scales together
 

@@ -1,0 +1,31 @@
+"""The README's result tables are the ones in bench/results: a table that a script rewrote in bench/results but not
+in the README (or one typed into the README) is a stale claim."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+BLOCKS = dict(re.findall(r"<!-- ([a-z_]+:[a-z_]+) -->\n(.*?)<!-- /\1 -->", README, re.S))
+RESULT_BLOCKS = sorted(name for name in BLOCKS if not name.startswith("bench:"))
+
+
+def table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_the_readme_has_its_result_blocks():
+    assert {"experiments:default", "experiments:real", "score_rules:decision", "ablation:default"} <= set(BLOCKS)
+
+
+@pytest.mark.parametrize("name", RESULT_BLOCKS)
+def test_a_readme_result_block_shows_the_rows_of_its_results_file(name):
+    results = ROOT / "bench/results" / f"{name.replace(':', '_')}.md"
+    assert results.is_file(), f"README block {name}: {results} is missing"
+    rows = table_rows(BLOCKS[name])
+    assert rows, f"README block {name} holds no table"
+    assert rows == table_rows(results.read_text()), f"README block {name} differs from {results.name}"
