@@ -21,9 +21,11 @@ FEEDBACK_TOKEN = "s3cret-token"
 
 
 def _tolerance(runtime: str, score: float) -> float:
-    """torch serves the offline evaluation's numbers (float32 noise: the backbone runs on the decoded upload, the
-    evaluation on cached features); ONNX Runtime agrees with them to 1e-4 relative (vqflow/onnx_graph.py)."""
-    return (1e-6 if runtime == "torch" else 1e-4) * max(1.0, abs(score))
+    """torch serves the offline evaluation's numbers up to float32 noise (the backbone runs on the decoded upload
+    with the server's threads, the evaluation on cached features; the per-position standardisation of the score
+    divides that noise by each position's training std: 1.2e-6 relative measured); ONNX Runtime agrees with them
+    to 1e-4 relative (vqflow/onnx_graph.py)."""
+    return (1e-5 if runtime == "torch" else 1e-4) * max(1.0, abs(score))
 
 
 @pytest.fixture(scope="module", params=["torch", "onnx"])
