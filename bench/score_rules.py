@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
 from bench.experiments import restore_committed  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
+from vqflow.models.vqflow import VQFlowConfig  # noqa: E402
 
 DEFECTS = ("patch", "spot", "scratch")
 TRAIN_RULE = "top 3 % of c_train - sum_l log p_l (MSFlow's top-k, training reference, log domain)"
@@ -312,7 +313,7 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
 def chosen_rule(params: dict) -> str:
     """The rule the model's params select (top-k 3 %)."""
     rules = {"position": POSITION_RULE, "train": TRAIN_RULE, "image": IMAGE_RULE}
-    return rules[params["model"]["vqflow"].get("normalization", "position")]
+    return rules[params["model"]["vqflow"].get("normalization", VQFlowConfig().normalization)]
 
 
 MARGIN = 0.005  # the decision rule, written down before any figure: see decision_table
