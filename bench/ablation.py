@@ -73,6 +73,10 @@ def ablation_base(suite: str, shared: str) -> tuple[dict, Path]:
     """(params every row starts from, work dir) of a suite: the suite's params with its own manifest and cache."""
     work = ROOT / "bench/.work/ablation" / suite
     base = suite_params(yaml.safe_load((ROOT / "params.yaml").read_text()), suite, shared)
+    # the parts are compared at one budget: every VQ-Flow row trains with MSFlow's (a suite may give VQ-Flow a
+    # shorter one, for time)
+    per_model = base["train"]["per_model"]
+    per_model["vqflow"] = per_model["msflow"]
     base["prepare"]["manifest"] = str(work / "manifest.csv")
     base["features"]["cache"] = str(work / "features")
     return base, work

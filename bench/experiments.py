@@ -51,9 +51,9 @@ def suite_settings(suite: str, shared: str) -> dict[str, object]:
     """The params a suite changes (dotted key -> value). ``real``: MVTec bottle + Magnetic Tile in one model;
     8 epochs (today's budget of every model; CFLOW takes ~60 optimiser steps per image batch), more for the
     image-batch flows (at 12 their flow NLL still fell 1.7 % per epoch): 24 for MSFlow (1296 optimiser steps),
-    18 for VQ-Flow (972; its wider flow conditions make a step ~1.6x MSFlow's, and 24 epochs overran the 15
-    minutes we aim for), both trained in bfloat16 where torch has bfloat16 CPU kernels (``train.precision``: the
-    same steps in less time; the other models keep float32, their budgets fit the time)."""
+    18 for VQ-Flow (972; its wider flow conditions make a step much dearer than MSFlow's, and 24 epochs overran
+    the 15 minutes we aim for), both trained in bfloat16 where torch has bfloat16 CPU kernels
+    (``train.precision``: the same steps in less time; the other models keep float32, their budgets fit the time)."""
     if suite == "default":
         return {}
     if suite == "real":
