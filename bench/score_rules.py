@@ -161,9 +161,12 @@ def base_maps(maps, train_maps, size: int) -> dict[str, torch.Tensor]:
     c_train map, the add map and the per-position z map."""
     from vqflow.models.anomaly_map import add_map
 
+    references = [m.amax() for m in train_maps]
     return {
         "train_relative": train_relative_map(maps, train_maps, size),
-        "added": add_map(maps, size, [m.amax() for m in train_maps]),
+        "added": add_map(maps, size, references),
+        # without the stride-32 scale, whose 8 x 8 map is blown up 32 x to the image: the finer scales localise
+        "added_fine": add_map(maps[:2], size, references[:2]),
         "position": z_sum(maps, train_maps, size, True),
     }
 
@@ -223,6 +226,10 @@ def pixel_rule_maps(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "c_train - sum_l log p_l (the image score's map)": train_relative,
         f"c_train - sum_l log p_l, Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(train_relative, SIGMA),
         f"sum_l z_l (per position), Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(base["position"], SIGMA),
+        "add map of the stride-8 and stride-16 scales only": base["added_fine"],
+        f"add map of the stride-8 and stride-16 scales, Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(
+            base["added_fine"], SIGMA
+        ),
     }
 
 
