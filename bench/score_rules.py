@@ -164,9 +164,9 @@ def base_maps(maps, train_maps, size: int) -> dict[str, torch.Tensor]:
     references = [m.amax() for m in train_maps]
     return {
         "train_relative": train_relative_map(maps, train_maps, size),
-        "added": add_map(maps, size, references),
-        # without the stride-32 scale, whose 8 x 8 map is blown up 32 x to the image: the finer scales localise
-        "added_fine": add_map(maps[:2], size, references[:2]),
+        # by the number of (finest) scales in it: without the stride-32 scale, whose 8 x 8 map is blown up 32 x to
+        # the image, the finer scales localise
+        "added": {n: add_map(maps[:n], size, references[:n]) for n in (3, 2)},
         "position": z_sum(maps, train_maps, size, True),
     }
 
@@ -179,7 +179,7 @@ def rule_scores(
     from vqflow.models.anomaly_map import gaussian_smooth, log_map, top_k_score
     from vqflow.models.global_density import PooledGaussian
 
-    train_relative, added, position = base["train_relative"], base["added"], base["position"]
+    train_relative, added, position = base["train_relative"], base["added"][3], base["position"]
     image_relative, per_scale = log_map(maps, size), z_sum(maps, train_maps, size, False)
     smoothed, smoothed_position = gaussian_smooth(train_relative, SIGMA), gaussian_smooth(position, SIGMA)
     density = PooledGaussian(train_pooled.shape[1])
@@ -209,27 +209,34 @@ def rule_scores(
     }
 
 
-OUR_MAP = "add map: L - sum_l exp(log p_l - c_l) (MSFlow's, training references)"
 PIXEL_METRICS = (("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_f1max", "P-F1max"), ("pixel_aupro", "AUPRO"))
+ADD_MAPS = ((3, 0.0), (3, 2.0), (3, SIGMA), (3, 8.0), (2, 0.0), (2, SIGMA))  # (map_scales, map_sigma) candidates
+
+
+def add_map_name(scales: int, sigma: float) -> str:
+    """The candidate name of the add map of the finest ``scales`` scales smoothed at ``sigma`` (model.vqflow's
+    map_scales / map_sigma)."""
+    if scales == 3:
+        name = "add map" + (": L - sum_l exp(log p_l - c_l) (MSFlow's, training references)" if not sigma else "")
+    else:
+        name = "add map of the stride-8 and stride-16 scales" + ("" if sigma else " only")
+    return name + (f", Gaussian-smoothed (sigma {sigma:g})" if sigma else "")
 
 
 def pixel_rule_maps(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every candidate anomaly map (N, size, size) of the images whose base_maps are ``base``."""
     from vqflow.models.anomaly_map import gaussian_smooth
 
-    added, train_relative = base["added"], base["train_relative"]
+    train_relative = base["train_relative"]
+    added = {
+        add_map_name(n, sigma): gaussian_smooth(base["added"][n], sigma) if sigma else base["added"][n]
+        for n, sigma in ADD_MAPS
+    }
     return {
-        OUR_MAP: added,
-        "add map, Gaussian-smoothed (sigma 2)": gaussian_smooth(added, 2.0),
-        f"add map, Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(added, SIGMA),
-        "add map, Gaussian-smoothed (sigma 8)": gaussian_smooth(added, 8.0),
+        **added,
         "c_train - sum_l log p_l (the image score's map)": train_relative,
         f"c_train - sum_l log p_l, Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(train_relative, SIGMA),
         f"sum_l z_l (per position), Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(base["position"], SIGMA),
-        "add map of the stride-8 and stride-16 scales only": base["added_fine"],
-        f"add map of the stride-8 and stride-16 scales, Gaussian-smoothed (sigma {SIGMA:g})": gaussian_smooth(
-            base["added_fine"], SIGMA
-        ),
     }
 
 
@@ -307,7 +314,9 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     ]
     for name, r in pixel.items():
         cells = [f"{100 * r['mean'][key]:.1f}" for key, _ in PIXEL_METRICS] + [f"{100 * r['pixel_mad']:.1f}"]
-        pixel_lines.append(f"| {name}{' (**ours**)' if name == OUR_MAP else ''} | " + " | ".join(cells) + " |")
+        pixel_lines.append(
+            f"| {name}{' (**ours**)' if name == chosen_map(params) else ''} | " + " | ".join(cells) + " |"
+        )
     pixel_note = (
         "\n\nPixel metrics of the same model's anomaly maps on the same validation images (synthetic defect masks: "
         "the pasted rectangle, or where a spot or scratch changes the image by at least half its amount; normal "
@@ -321,6 +330,15 @@ def chosen_rule(params: dict) -> str:
     """The rule the model's params select (top-k 3 %)."""
     rules = {"position": POSITION_RULE, "train": TRAIN_RULE, "image": IMAGE_RULE}
     return rules[params["model"]["vqflow"].get("normalization", VQFlowConfig().normalization)]
+
+
+def chosen_map(params: dict) -> str:
+    """The anomaly map the model's params select (model.vqflow map_scales / map_sigma)."""
+    defaults, section = VQFlowConfig(), params["model"]["vqflow"]
+    setting = (section.get("map_scales", defaults.map_scales), float(section.get("map_sigma", defaults.map_sigma)))
+    if setting not in ADD_MAPS:
+        raise SystemExit(f"params.yaml model.vqflow map_scales / map_sigma {setting}: not a candidate here {ADD_MAPS}")
+    return add_map_name(*setting)
 
 
 MARGIN = 0.005  # the decision rule, written down before any figure: see decision_table
@@ -372,9 +390,9 @@ def write_table(suite: str, results: dict, pixel: dict, table: str, source: str)
     # both suites must have every candidate (else: the other suite is not re-run yet)
     if set(default["rules"]) != set(real["rules"]) or set(default.get("pixel_maps", {})) != set(real["pixel_maps"]):
         return
-    ours = chosen_rule(yaml.safe_load((ROOT / "params.yaml").read_text()))  # the rule the product runs today
-    image = decision_table("image score rule", (default["rules"], real["rules"]), validation_auroc, ours)
-    pixel = decision_table("anomaly map", (default["pixel_maps"], real["pixel_maps"]), pixel_mean, OUR_MAP)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())  # the rule and map the product runs today
+    image = decision_table("image score rule", (default["rules"], real["rules"]), validation_auroc, chosen_rule(params))
+    pixel = decision_table("anomaly map", (default["pixel_maps"], real["pixel_maps"]), pixel_mean, chosen_map(params))
     tables = image + (
         "\n\nImage score: validation image AUROC (mean over categories).\n\n"
         + pixel

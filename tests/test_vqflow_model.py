@@ -252,16 +252,38 @@ def test_reloaded_model_gives_identical_scores(tmp_path):
 def test_a_model_saved_before_the_layout_fields_loads_with_the_layout_it_was_trained_with(tmp_path):
     import json
 
-    model = _model(flow_stages=[0, 1, 2], pool=True, normalization="image")
+    model = _model(flow_stages=[0, 1, 2], pool=True, normalization="image", map_scales=3, map_sigma=0.0)
     save_model(model, "vqflow", model.config, tmp_path / "m")
     meta = json.loads((tmp_path / "m/config.json").read_text())
-    for added in ("flow_stages", "pool", "normalization", "cadm_placement"):
+    for added in ("flow_stages", "pool", "normalization", "cadm_placement", "map_scales", "map_sigma"):
         del meta["config"][added]
     (tmp_path / "m/config.json").write_text(json.dumps(meta))
     loaded, _ = load_model(tmp_path / "m")
     assert loaded.config.flow_stages == [0, 1, 2] and loaded.config.pool and loaded.config.normalization == "image"
+    assert (loaded.config.map_scales, loaded.config.map_sigma) == (3, 0.0)
     feats = tiny_features(3, seed=2)
-    assert torch.equal(model.predict(feats).scores, loaded.predict(feats).scores)
+    a, b = model.predict(feats), loaded.predict(feats)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+
+
+@pytest.mark.parametrize("scales, sigma", [(2, 4.0), (3, 0.0), (1, 2.0)])
+def test_the_anomaly_map_is_the_smoothed_add_map_of_the_finest_scales(scales, sigma):
+    """predict's map against a direct computation: scales - sum over the finest ``scales`` of upsampled
+    exp(log p_l - c_l) (c_l = the training maximum of scale l), then scipy's Gaussian filter (mirrored borders)."""
+    from scipy.ndimage import gaussian_filter
+
+    model = _model(normalization="position", map_scales=scales, map_sigma=sigma)
+    with torch.no_grad():
+        model.fit_statistics([tiny_features(4, seed=s) for s in (5, 6)])
+        test = tiny_features(3, seed=9)
+        log_p = model.log_p_maps(*_encoded(model, test))
+        probs = [np.exp((m - model.log_p_max[l]).numpy()) for l, m in enumerate(log_p[:scales])]
+        up = [
+            torch.nn.functional.interpolate(torch.from_numpy(p)[:, None], size=32, mode="bilinear")[:, 0] for p in probs
+        ]
+        added = scales - sum(up).numpy()
+        expected = gaussian_filter(added, (0, sigma, sigma), mode="mirror", truncate=4.0) if sigma else added
+        np.testing.assert_allclose(model.predict(test).maps.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_position_normalization_standardises_each_scale_with_the_training_statistics():

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .registry import register_model
-from .anomaly_map import add_map, floored_std, log_map, top_k_score, upsample
+from .anomaly_map import add_map, floored_std, gaussian_smooth, log_map, top_k_score, upsample
 from .base import AnomalyModel, Prediction, StepOutput
 from .cadm import ConceptGaussian, mixture_log_density, summed_log_density
 from .flows import FusionCoupling, parallel_flow
@@ -67,6 +67,8 @@ class VQFlowConfig:
     # | train: relative to the training images' max | image: to each image's own max
     global_gaussian: bool = False  # a Gaussian on the pooled stride-32 feature as a 1 x 1 fourth detection scale
     global_weight: float = 1.0  # its weight: 1 = one more scale; 3 = as much as the three local scales together
+    map_scales: int = 2  # the anomaly map: MSFlow's add map of the finest map_scales of the 3 scales
+    map_sigma: float = 4.0  # its Gaussian smoothing (pixels at image_size; 0 = none)
 
     # what a model saved before these fields existed was built with (load_model fills absent fields from here)
     LEGACY_VALUES: ClassVar[dict] = {
@@ -74,6 +76,8 @@ class VQFlowConfig:
         "pool": True,
         "normalization": "image",
         "cadm_placement": "fusion",
+        "map_scales": 3,
+        "map_sigma": 0.0,
     }
 
     def __post_init__(self):
@@ -108,6 +112,12 @@ class VQFlowConfig:
             raise ValueError(
                 f"model.global_weight must be > 0 (switch the term off with global_gaussian), got {self.global_weight}"
             )
+        if not 1 <= self.map_scales <= 3:
+            raise ValueError(
+                f"model.map_scales must be 1, 2 or 3 (the finest scales in the map), got {self.map_scales}"
+            )
+        if self.map_sigma < 0:
+            raise ValueError(f"model.map_sigma must be >= 0 (0 = no smoothing), got {self.map_sigma}")
         if self.cspc and self.cspc_mode == "residual" and not (self.cpc or self.pe):
             raise ValueError("model.cspc (residual) quantises w.r.t. [PE ; prototype]: turn on cpc or pe, or use naive")
 
@@ -388,7 +398,10 @@ class VQFlow(AnomalyModel):
                 detection = detection + weight * self.global_density.standardized_nll(pooled)[:, None, None]
             else:
                 detection = detection - weight * self.global_density.log_density(pooled)[:, None, None]
-        anomaly_map = add_map(log_p, size, reference[:3] if reference is not None else None)
+        scales = self.config.map_scales
+        anomaly_map = add_map(log_p[:scales], size, reference[:scales] if reference is not None else None)
+        if self.config.map_sigma > 0:
+            anomaly_map = gaussian_smooth(anomaly_map, self.config.map_sigma)
         return Prediction(top_k_score(detection, self.config.top_k), anomaly_map, extras)
 
 
