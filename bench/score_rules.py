@@ -281,7 +281,11 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     pixel = pixel_results(pixel_rule_maps(val_base), val_categories, val_masks)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     test_outputs = log_p_maps(model, cached(cache, test.image_id.tolist()))  # (maps, log-likelihood, pooled)
-    scored = rule_scores(*test_outputs, train_maps, train_pooled, size, base_maps(test_outputs[0], train_maps, size))
+    test_base = base_maps(test_outputs[0], train_maps, size)
+    scored = rule_scores(*test_outputs, train_maps, train_pooled, size, test_base)
+    test_masks = stages.ground_truth_masks(test, size)
+    for name, result in pixel_results(pixel_rule_maps(test_base), test.category.to_numpy(), test_masks).items():
+        pixel[name]["test"] = result  # reported after the choice, like the image scores' test columns
     names = sorted(set(test.category))
     results = {}
     for rule in scored:
@@ -308,19 +312,29 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
         f"over categories ({', '.join(f'{c} {n}' for c, n in counts.items())} images). z_l statistics and c_train "
         "are fitted on the training images; log p_l = per-scale map, upsampled."
     )
+    labels = [label for _, label in PIXEL_METRICS]
     pixel_lines = [
-        "| anomaly map | " + " | ".join(label for _, label in PIXEL_METRICS) + " | mean |",
-        "|---|" + "---:|" * (len(PIXEL_METRICS) + 1),
+        "| anomaly map | "
+        + " | ".join(labels)
+        + " | mean | "
+        + " | ".join(f"test: {x}" for x in labels)
+        + " | test mean |",
+        "|---|" + "---:|" * (2 * len(PIXEL_METRICS) + 2),
     ]
     for name, r in pixel.items():
-        cells = [f"{100 * r['mean'][key]:.1f}" for key, _ in PIXEL_METRICS] + [f"{100 * r['pixel_mad']:.1f}"]
+        cells = [
+            f"{100 * value:.1f}"
+            for part in (r, r["test"])
+            for value in [*(part["mean"][key] for key, _ in PIXEL_METRICS), part["pixel_mad"]]
+        ]
         pixel_lines.append(
             f"| {name}{' (**ours**)' if name == chosen_map(params) else ''} | " + " | ".join(cells) + " |"
         )
     pixel_note = (
         "\n\nPixel metrics of the same model's anomaly maps on the same validation images (synthetic defect masks: "
         "the pasted rectangle, or where a spot or scratch changes the image by at least half its amount; normal "
-        "images count as all-normal pixels), mean over categories; mean = the pixel part of mAD."
+        "images count as all-normal pixels), mean over categories; mean = the pixel part of mAD. test: the same "
+        "maps of the suite's test split against its ground-truth masks, reported after the choice."
     )
     tables = "\n".join(lines) + note + "\n\n" + "\n".join(pixel_lines) + pixel_note
     return results, pixel, tables, source

@@ -67,8 +67,8 @@ class VQFlowConfig:
     # | train: relative to the training images' max | image: to each image's own max
     global_gaussian: bool = False  # a Gaussian on the pooled stride-32 feature as a 1 x 1 fourth detection scale
     global_weight: float = 1.0  # its weight: 1 = one more scale; 3 = as much as the three local scales together
-    map_scales: int = 2  # the anomaly map: MSFlow's add map of the finest map_scales of the 3 scales
-    map_sigma: float = 4.0  # its Gaussian smoothing (pixels at image_size; 0 = none)
+    map_scales: int = 3  # the anomaly map: MSFlow's add map of the finest map_scales of the 3 scales
+    map_sigma: float = 0.0  # its Gaussian smoothing (pixels at image_size; 0 = none)
 
     # what a model saved before these fields existed was built with (load_model fills absent fields from here)
     LEGACY_VALUES: ClassVar[dict] = {
@@ -76,8 +76,6 @@ class VQFlowConfig:
         "pool": True,
         "normalization": "image",
         "cadm_placement": "fusion",
-        "map_scales": 3,
-        "map_sigma": 0.0,
     }
 
     def __post_init__(self):
