@@ -271,6 +271,9 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     bundle = ModelBundle(model_dir)
     model, backbone = bundle.load_model("cpu").eval(), bundle.load_backbone("cpu").eval()
     size = model.config.image_size
+    strides = [size // side for side in model.config.scale_sizes]
+    if strides != [8, 16, 32]:  # the candidates' names (add_map_name, "stride-32", "stride-8 cell") say so
+        raise SystemExit(f"{model_dir}: flow scale strides {strides}; this table's candidate names assume 8, 16, 32")
     train_maps, _, train_pooled = log_p_maps(
         model, cached(cache, manifest[manifest.split == "train"].image_id.tolist())
     )

@@ -230,6 +230,20 @@ def test_invalid_switch_combination_is_named():
         make_config("vqflow", {**TINY, "cpc": False})
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("map_scales", 0, "map_scales must be 1, 2 or 3"),
+        ("map_scales", 4, "map_scales must be 1, 2 or 3"),
+        ("map_sigma", -1.0, "map_sigma must be >= 0"),
+    ],
+)
+def test_invalid_anomaly_map_setting_is_named(field, value, message):
+    with pytest.raises(ValueError, match=f"model.{message}.*got {value}"):
+        make_config("vqflow", {**TINY, field: value})
+    assert getattr(make_config("vqflow", {**TINY, field: 1}), field) == 1  # the boundary value is accepted
+
+
 def test_msflow_is_vqflow_with_every_vq_part_off_and_the_published_pe_condition():
     cfg = make_config("msflow", {**TINY, "cpc": True, "pe": False})
     assert not (cfg.cpc or cfg.cspc or cfg.cadm) and cfg.pe
