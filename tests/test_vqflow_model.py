@@ -231,17 +231,17 @@ def test_invalid_switch_combination_is_named():
 
 
 @pytest.mark.parametrize(
-    "field, value, message",
+    "field, value, message, boundary",
     [
-        ("map_scales", 0, "map_scales must be 1, 2 or 3"),
-        ("map_scales", 4, "map_scales must be 1, 2 or 3"),
-        ("map_sigma", -1.0, "map_sigma must be >= 0"),
+        ("map_scales", 0, "map_scales must be 1, 2 or 3", 1),
+        ("map_scales", 4, "map_scales must be 1, 2 or 3", 3),
+        ("map_sigma", -1.0, "map_sigma must be >= 0", 0.0),
     ],
 )
-def test_invalid_anomaly_map_setting_is_named(field, value, message):
+def test_invalid_anomaly_map_setting_is_named(field, value, message, boundary):
     with pytest.raises(ValueError, match=f"model.{message}.*got {value}"):
         make_config("vqflow", {**TINY, field: value})
-    assert getattr(make_config("vqflow", {**TINY, field: 1}), field) == 1  # the boundary value is accepted
+    assert getattr(make_config("vqflow", {**TINY, field: boundary}), field) == boundary  # the valid value next to it
 
 
 def test_msflow_is_vqflow_with_every_vq_part_off_and_the_published_pe_condition():
