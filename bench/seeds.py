@@ -28,7 +28,10 @@ DEFAULT_VARIANTS = ["+CPC+CADM+CSPC = vqflow", "msflow (PE condition, N(0, I))",
 
 
 def spread(values: list[float]) -> str:
-    """mean ± sample standard deviation, in points."""
+    """mean ± sample standard deviation, in points; a lone value (the table is written after every run, so a
+    variant's first seed shows before its second) without a spread."""
+    if len(values) < 2:
+        return f"{100 * values[0]:.1f}"
     return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
