@@ -38,8 +38,8 @@ if WORKER:
     for home in ("PREFECT_HOME", "BENTOML_HOME"):
         if home in os.environ:
             os.environ[home] = str(Path(os.environ[home]) / WORKER)
-            # Prefect creates its home without parents: in a fresh clone whether .home/prefect exists yet depended
-            # on which test file a worker happened to run first
+            # Prefect creates its home without parents; the likely cause of a fresh-clone CI failure was that whether
+            # .home/prefect existed yet depended on which test file a worker happened to run first
             Path(os.environ[home]).mkdir(parents=True, exist_ok=True)
     for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[threads] = "1"

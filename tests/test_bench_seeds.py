@@ -1,14 +1,10 @@
 """bench/seeds.py's table: mean ± sample standard deviation per metric, also when written after a variant's first
 seed (the script rewrites the table after every run, so that an interrupted run keeps what it measured)."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.experiments import METRICS  # noqa: E402
-from bench.seeds import table  # noqa: E402
+from bench.experiments import METRICS
+from bench.seeds import table
 
 
 def _run(value: float) -> dict:
