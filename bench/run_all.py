@@ -49,6 +49,11 @@ STEPS = {
         "score_rules_real",
         "Image score rules on one trained VQ-Flow (real data)",
     ),
+    "condition-width-default": (
+        [sys.executable, "bench/condition_width.py", "--suite", "default"],
+        "condition_width_default",
+        "VQ-Flow's condition width on the default dataset",
+    ),
     "pipeline": ([sys.executable, "bench/pipeline.py"], "pipeline", "Feature extraction, training and metrics"),
     "inference": ([sys.executable, "bench/inference.py"], "inference", "Inference speed (256 px, EfficientNet-Lite0)"),
     "aupro": ([sys.executable, "bench/aupro.py"], "aupro", "AUPRO: ours vs. the slow exact reference"),
@@ -100,7 +105,7 @@ def summary() -> Path:
     block = "\n\n".join(
         f"#### {title}\n\n{text}"
         for stem, title, text in sections
-        if not stem.startswith(("experiments_", "ablation_", "seeds_", "score_rules_"))
+        if not stem.startswith(("experiments_", "ablation_", "seeds_", "score_rules_", "condition_width_"))
     )
     pattern = re.compile(r"(<!-- bench:summary -->\n).*?(<!-- /bench:summary -->)", re.S)
     text = readme.read_text()
