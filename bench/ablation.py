@@ -23,7 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
+from bench.common import per_category_table, publish, training_curves_note  # noqa: E402
 from bench.experiments import METRICS, suite_params  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
 
@@ -82,6 +82,18 @@ def ablation_base(suite: str, shared: str) -> tuple[dict, Path]:
     return base, work
 
 
+def prepared_ablation_base(suite: str, shared: str) -> tuple[dict, Path]:
+    """``ablation_base`` with its data generated (default suite), its manifest prepared and its features cached."""
+    from vqflow import stages
+
+    base, work = ablation_base(suite, shared)
+    if suite == "default":
+        stages.generate(base)
+    stages.prepare(base)
+    stages.features(base)
+    return base, work
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="default", choices=["default", "real"])
@@ -91,14 +103,10 @@ def main() -> None:
 
     from vqflow import stages, timing
 
-    base, work = ablation_base(args.suite, args.shared)
-    if args.suite == "default":
-        stages.generate(base)
-    stages.prepare(base)
-    stages.features(base)
-    results = {}
+    base, work = prepared_ablation_base(args.suite, args.shared)
+    results, run_params = {}, {}
     for name in args.variants:
-        params = variant_params(base, work, name)
+        params = run_params[name] = variant_params(base, work, name)
         print(f"== {name}", flush=True)
         started = time.perf_counter()
         stages.train(params)
@@ -124,34 +132,17 @@ def main() -> None:
             + " | ".join(f"{100 * r[key]:.1f}" for key, _ in METRICS)
             + f" | {r['train_seconds']:.0f} ({budget}) |"
         )
-    categories = sorted({c for r in results.values() for c in r["per_category"]})
     lines += [
         "",
-        "Image AUROC per category:",
-        "",
-        "| variant | " + " | ".join(categories) + " |",
-        "|---|" + "---:|" * len(categories),
-    ]
-    lines += [
-        f"| {name} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in categories) + " |"
-        for name, r in results.items()
+        per_category_table("Image AUROC per category", "variant", {n: r["per_category"] for n, r in results.items()}),
     ]
     note = (
         f"\n\n`python bench/ablation.py --suite {args.suite}`: the pipeline's stages and evaluator, one unified model "
         "per row, thresholds on held-out normals; switches from params.yaml `model.vqflow` (rows name what is on)."
     )
-    from vqflow.plots import loss_curves
-
-    histories = {name: read_json(Path(variant_params(base, work, name)["outputs"]["train_log"])) for name in results}
-    curves = loss_curves(histories, RESULTS / f"ablation_{args.suite}_loss.svg")
-    note += f"\n\nTraining curves: [{curves.name}]({curves.name}) (flow NLL per latent dimension, per epoch)."
-    md = write_results(f"ablation_{args.suite}", {"suite": args.suite, "variants": results}, "\n".join(lines) + note)
-    replace_readme_block(
-        ROOT / "README.md",
-        f"ablation:{args.suite}",
-        md.read_text().replace(f"]({curves.name})", f"](bench/results/{curves.name})"),
-    )
-    print(md.read_text())
+    stem = f"ablation_{args.suite}"
+    note += training_curves_note(stem, {n: read_json(Path(run_params[n]["outputs"]["train_log"])) for n in results})
+    print(publish(stem, {"suite": args.suite, "variants": results}, "\n".join(lines) + note, f"ablation:{args.suite}"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = RESULTS.parents[1] / "README.md"
 
 
 def registered_models() -> list[str]:
@@ -73,3 +74,43 @@ def replace_readme_block(readme: Path, marker: str, text: str) -> bool:
         return False
     readme.write_text(pattern.sub(lambda g: g.group(1) + text + g.group(2), content))
     return True
+
+
+def linked_from_readme(text: str) -> str:
+    """``text`` of a bench/results table with its links to the plots beside it pointed there from the README."""
+    return re.sub(r"\]\(([^/()]+\.svg)\)", r"](bench/results/\1)", text)
+
+
+def publish(name: str, payload: dict, table: str, marker: str) -> str:
+    """Write bench/results/<name>.{json,md} and the README block ``marker``; the table's text."""
+    text = write_results(name, payload, table).read_text()
+    replace_readme_block(README, marker, linked_from_readme(text))
+    return text
+
+
+def per_category_table(title: str, column: str, rows: dict[str, dict[str, float]]) -> str:
+    """A markdown table of one figure per category (columns) for each row (``column``: what a row is), in percent;
+    a category a row lacks shows nan. Numeric row labels are right-aligned like the figures."""
+    categories = sorted({category for per_category in rows.values() for category in per_category})
+    align = "---:" if all(str(label).isdigit() for label in rows) else "---"
+    return "\n".join(
+        [
+            f"{title}:",
+            "",
+            f"| {column} | " + " | ".join(categories) + " |",
+            f"|{align}|" + "---:|" * len(categories),
+            *(
+                f"| {label} | " + " | ".join(f"{100 * figures.get(c, float('nan')):.1f}" for c in categories) + " |"
+                for label, figures in rows.items()
+            ),
+        ]
+    )
+
+
+def training_curves_note(name: str, histories: dict[str, list[dict]]) -> str:
+    """Plot each row's flow NLL per epoch (``histories``: row -> train_log.json) to bench/results/<name>_loss.svg;
+    the sentence that links the plot."""
+    from vqflow.plots import loss_curves
+
+    curves = loss_curves(histories, RESULTS / f"{name}_loss.svg")
+    return f"\n\nTraining curves: [{curves.name}]({curves.name}) (flow NLL per latent dimension, per epoch)."

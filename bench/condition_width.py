@@ -23,8 +23,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.ablation import ablation_base, variant_params  # noqa: E402
-from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
+from bench.ablation import prepared_ablation_base, variant_params  # noqa: E402
+from bench.common import per_category_table, publish, training_curves_note  # noqa: E402
 from bench.experiments import METRICS  # noqa: E402
 from bench.score_rules import MARGIN, chosen_map, chosen_rule, score_table  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
@@ -60,14 +60,10 @@ def main() -> None:
 
     ours = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["vqflow"]["embed_dim"]
     widths = sorted(set(args.widths) | {ours})
-    base, work = ablation_base(args.suite, args.shared)
-    if args.suite == "default":
-        stages.generate(base)
-    stages.prepare(base)
-    stages.features(base)
-    results = {}
+    base, work = prepared_ablation_base(args.suite, args.shared)
+    results, run_params = {}, {}
     for width in widths:
-        params = width_params(base, work, width)
+        params = run_params[width] = width_params(base, work, width)
         print(f"== embed_dim {width}", flush=True)
         stages.train(params)
         metrics = stages.evaluate(params)
@@ -98,16 +94,10 @@ def main() -> None:
             + " | ".join(f"{100 * r[key]:.1f}" for key, _ in METRICS)
             + f" | {r['train_seconds']:.0f} ({r['epochs']} ep) |"
         )
-    categories = sorted({c for r in results.values() for c in r["per_category"]})
     lines += [
         "",
-        "Test image AUROC per category:",
-        "",
-        "| embed_dim D | " + " | ".join(categories) + " |",
-        "|---:|" + "---:|" * len(categories),
-        *(
-            f"| {width} | " + " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in categories) + " |"
-            for width, r in results.items()
+        per_category_table(
+            "Test image AUROC per category", "embed_dim D", {w: r["per_category"] for w, r in results.items()}
         ),
     ]
     command = f"python bench/condition_width.py --suite {args.suite} --widths {' '.join(map(str, args.widths))}"
@@ -118,22 +108,12 @@ def main() -> None:
         "pixel AUROC, AP, F1-max and AUPRO of the anomaly map params.yaml selects; vs ours: image / pixel difference. "
         f"A width replaces ours only past the {100 * MARGIN:.1f}-point margin; test columns reported after that."
     )
-    from vqflow.plots import loss_curves
-
-    histories = {
-        f"embed_dim {width}": read_json(Path(width_params(base, work, width)["outputs"]["train_log"]))
-        for width in results
-    }
-    curves = loss_curves(histories, RESULTS / f"condition_width_{args.suite}_loss.svg")
-    note += f"\n\nTraining curves: [{curves.name}]({curves.name}) (flow NLL per latent dimension, per epoch)."
-    payload = {"suite": args.suite, "ours": ours, "widths": {str(w): r for w, r in results.items()}}
-    md = write_results(f"condition_width_{args.suite}", payload, "\n".join(lines) + note)
-    replace_readme_block(
-        ROOT / "README.md",
-        f"condition_width:{args.suite}",
-        md.read_text().replace(f"]({curves.name})", f"](bench/results/{curves.name})"),
+    stem = f"condition_width_{args.suite}"
+    note += training_curves_note(
+        stem, {f"embed_dim {w}": read_json(Path(run_params[w]["outputs"]["train_log"])) for w in results}
     )
-    print(md.read_text())
+    payload = {"suite": args.suite, "ours": ours, "widths": {str(w): r for w, r in results.items()}}
+    print(publish(stem, payload, "\n".join(lines) + note, f"condition_width:{args.suite}"))
 
 
 if __name__ == "__main__":

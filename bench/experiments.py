@@ -19,7 +19,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, machine, registered_models, replace_readme_block, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    linked_from_readme,
+    machine,
+    per_category_table,
+    registered_models,
+    replace_readme_block,
+    write_results,
+)
 from flows.retrain import git_kept_outputs  # noqa: E402
 from vqflow.config import load_params, train_recipe  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
@@ -265,19 +273,8 @@ def table(suite: str, readme: Path, models: list[str]) -> str:
         + "\n\ncommit: where the row was measured (rows of an older commit were not re-run with this one; "
         "see the date of its table); FPS and train s are wall-clock figures of that run and vary with the machine's load."
     )
-    categories = sorted({c for r in records for c in r["per_category"]})
-    body += (
-        "\n\nImage AUROC per category:\n\n| model | "
-        + " | ".join(categories)
-        + " |\n|---|"
-        + "---:|" * len(categories)
-        + "\n"
-        + "\n".join(
-            f"| {r['model']} | "
-            + " | ".join(f"{100 * r['per_category'].get(c, float('nan')):.1f}" for c in categories)
-            + " |"
-            for r in records
-        )
+    body += "\n\n" + per_category_table(
+        "Image AUROC per category", "model", {r["model"]: r["per_category"] for r in records}
     )
     body += loss_figure(suite, records)
     md = write_results(f"experiments_{suite}", {"suite": suite, "experiments": records}, body)
@@ -288,7 +285,7 @@ def table(suite: str, readme: Path, models: list[str]) -> str:
         (
             f"_`python bench/experiments.py table --suite {suite}`, {m['date']}, commit {m['commit']}, "
             f"{m['cpus']} cores, torch {m['torch']}; FPS = decode + backbone + model + maps, batch 16_\n\n"
-            + body.replace(f"](experiments_{suite}_loss.svg)", f"](bench/results/experiments_{suite}_loss.svg)")
+            + linked_from_readme(body)
             + "\n"
         ),
     )

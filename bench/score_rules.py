@@ -32,7 +32,7 @@ from scipy.ndimage import gaussian_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, replace_readme_block, write_results  # noqa: E402
+from bench.common import RESULTS, publish  # noqa: E402
 from bench.experiments import restore_committed  # noqa: E402
 from vqflow.io import read_json  # noqa: E402
 from vqflow.models.vqflow import VQFlowConfig  # noqa: E402
@@ -395,11 +395,8 @@ def decision_table(header: str, suites: tuple[dict, dict], value: Callable[[dict
 
 
 def write_table(suite: str, results: dict, pixel: dict, table: str, source: str) -> None:
-    md = write_results(
-        f"score_rules_{suite}", {"suite": suite, "model": source, "rules": results, "pixel_maps": pixel}, table
-    )
-    replace_readme_block(ROOT / "README.md", f"score_rules:{suite}", md.read_text())
-    print(md.read_text())
+    payload = {"suite": suite, "model": source, "rules": results, "pixel_maps": pixel}
+    print(publish(f"score_rules_{suite}", payload, table, f"score_rules:{suite}"))
     suites = {name: RESULTS / f"score_rules_{name}.json" for name in ("default", "real")}
     if not all(path.is_file() for path in suites.values()):
         return
@@ -419,8 +416,7 @@ def write_table(suite: str, results: dict, pixel: dict, table: str, source: str)
         "\n\nFrom bench/results/score_rules_default.json and score_rules_real.json (validation columns only; "
         "the test split never enters the decision)."
     )
-    md = write_results("score_rules_decision", {"margin": MARGIN}, tables + note)
-    replace_readme_block(ROOT / "README.md", "score_rules:decision", md.read_text())
+    publish("score_rules_decision", {"margin": MARGIN}, tables + note, "score_rules:decision")
 
 
 def ablation_run(suite: str, variant: str) -> tuple[dict, Path]:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.ablation import VARIANTS, ablation_base, variant_params  # noqa: E402
-from bench.common import replace_readme_block, write_results  # noqa: E402
+from bench.ablation import VARIANTS, prepared_ablation_base, variant_params  # noqa: E402
+from bench.common import publish  # noqa: E402
 from bench.experiments import METRICS  # noqa: E402
 from vqflow import timing  # noqa: E402
 
@@ -69,11 +69,7 @@ def main() -> None:
 
     from vqflow import stages
 
-    base, _ = ablation_base(args.suite, args.shared)
-    if args.suite == "default":
-        stages.generate(base)
-    stages.prepare(base)
-    stages.features(base)
+    base, _ = prepared_ablation_base(args.suite, args.shared)
     runs: dict[str, dict[int, dict]] = {}
     for name in args.variants:
         for seed in args.seeds:
@@ -90,9 +86,13 @@ def main() -> None:
                 "wall_seconds": time.perf_counter() - started,
             }
             print("   " + " ".join(f"{label} {100 * metrics['mean'][key]:.1f}" for key, label in METRICS), flush=True)
-            md = write_results(f"seeds_{args.suite}", {"suite": args.suite, "runs": runs}, table(args.suite, runs))
-            replace_readme_block(ROOT / "README.md", f"seeds:{args.suite}", md.read_text())
-    print(md.read_text())
+            text = publish(
+                f"seeds_{args.suite}",
+                {"suite": args.suite, "runs": runs},
+                table(args.suite, runs),
+                f"seeds:{args.suite}",
+            )
+    print(text)
 
 
 if __name__ == "__main__":

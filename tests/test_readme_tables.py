@@ -39,3 +39,22 @@ def test_a_readme_result_block_shows_the_rows_of_its_results_file(name):
     rows = table_rows(BLOCKS[name])
     assert rows, f"README block {name} holds no table"
     assert rows == table_rows(results.read_text()), f"README block {name} differs from {results.name}"
+
+
+# the README blocks bench/common.py's publish writes: the results file itself (experiments' blocks carry their own
+# header line)
+PUBLISHED = [name for name in RESULT_BLOCKS if not name.startswith("experiments:")]
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_a_published_readme_block_is_its_results_file_with_links_into_bench_results(name):
+    from bench.common import linked_from_readme
+
+    results = ROOT / "bench/results" / f"{name.replace(':', '_')}.md"
+    assert BLOCKS[name] == linked_from_readme(results.read_text()), f"README block {name} differs from {results.name}"
+
+
+def test_every_plot_the_readme_links_into_bench_results_exists():
+    linked = re.findall(r"\]\((bench/results/[^)]+)\)", README)
+    assert linked, "the README links no plot in bench/results"
+    assert [path for path in linked if not (ROOT / path).is_file()] == []
