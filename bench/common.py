@@ -88,7 +88,7 @@ def publish(name: str, payload: dict, table: str, marker: str) -> str:
     return text
 
 
-def per_category_table(title: str, column: str, rows: dict[str, dict[str, float]]) -> str:
+def per_category_table(title: str, column: str, rows: dict[str | int, dict[str, float]]) -> str:
     """A markdown table of one figure per category (columns) for each row (``column``: what a row is), in percent;
     a category a row lacks shows nan. Numeric row labels are right-aligned like the figures."""
     categories = sorted({category for per_category in rows.values() for category in per_category})
