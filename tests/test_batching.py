@@ -78,3 +78,14 @@ def test_with_two_workers_two_batches_run_at_once():
         return await asyncio.gather(batcher.submit(["a", "b"]), batcher.submit(["c", "d"]))
 
     assert asyncio.run(main()) == [["a", "b"], ["c", "d"]]
+
+
+def test_the_batcher_keeps_a_bounded_record_of_batch_sizes():
+    async def main():
+        batcher = MicroBatcher(lambda items: items, max_batch_size=1, max_latency_ms=0)
+        for i in range(MicroBatcher.RECENT + 50):
+            await batcher.submit([i])
+        return batcher.batch_sizes
+
+    sizes = asyncio.run(main())
+    assert len(sizes) == MicroBatcher.RECENT and set(sizes) == {1}  # a long-running server's memory stays flat

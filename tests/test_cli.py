@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import yaml
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from tests.conftest import ROOT
@@ -152,13 +153,44 @@ def test_predict_cli_prints_decisions_and_writes_overlays(trained_project, tmp_p
     assert result.returncode == 0, result.stderr
     score = float(result.stdout.split("score=")[1].split()[0])
     expected = offline.loc[row.image_id, "score"]
-    assert abs(score - expected) <= 1e-6 * max(1.0, abs(expected))  # float32 noise: raw image vs cached features
+    # float32 noise: the raw image through the backbone (the CLI pins AVX2 kernels) vs cached features (this process's
+    # kernels; AVX-512 here), divided by each position's training std: 1.4e-6 relative seen on an AVX-512 machine
+    assert abs(score - expected) <= 1e-5 * max(1.0, abs(expected))
     assert ("ANOMALOUS" in result.stdout) == (score > float(result.stdout.split("threshold=")[1].split()[0]))
-    assert (tmp_path / "out" / f"{Path(row.path).parent.name}_{Path(row.path).stem}_overlay.png").is_file()
+    assert (tmp_path / "out" / Path(row.path).parent.name / f"{Path(row.path).stem}_overlay.png").is_file()
     failed = subprocess.run(
         [sys.executable, "-m", "vqflow.cli", "predict", str(bad)], cwd=tmp_path, capture_output=True, text=True
     )
     assert failed.returncode == 2 and "broken.png" in failed.stderr
+
+
+def test_overlays_of_same_named_inputs_never_collide(trained_project, tmp_path):
+    import yaml
+
+    _, params = trained_project
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    source = Path(params["generate"]["root"])
+    first = next((source / "chip/test/good").glob("*.png"))
+    inputs = []
+    for line in ("line_a", "line_b"):  # two stations' images of the same name
+        target = tmp_path / line / "test/good" / first.name
+        target.parent.mkdir(parents=True)
+        target.write_bytes(
+            first.read_bytes() if line == "line_a" else next((source / "wood/test/good").glob("*.png")).read_bytes()
+        )
+        inputs.append(str(target.relative_to(tmp_path)))
+    result = subprocess.run(
+        [sys.executable, "-m", "vqflow.cli", "predict", *inputs, "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    written = {line.split(" -> ")[1] for line in result.stdout.splitlines() if " -> " in line}
+    expected = {f"out/{line}/test/good/{first.stem}_overlay.png" for line in ("line_a", "line_b")}
+    assert written == expected and all((tmp_path / w).is_file() for w in expected)
+    images = [Image.open(tmp_path / w).tobytes() for w in sorted(expected)]
+    assert images[0] != images[1]  # each input has its own overlay
 
 
 CPU_INFO = Path("/proc/cpuinfo")

@@ -11,12 +11,15 @@ CPU, each with a share of the cores: better than one batch over all cores, whose
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any, Callable, Sequence
 
 
 class MicroBatcher:
     """``await batcher.submit(items)`` -> results in order; ``score(list of items) -> list`` runs in a thread,
     at most ``workers`` batches at a time."""
+
+    RECENT = 1024  # batch sizes kept
 
     def __init__(
         self,
@@ -32,7 +35,7 @@ class MicroBatcher:
             )
         self.score, self.max_batch_size, self.max_latency = score, int(max_batch_size), max_latency_ms / 1000
         self.workers = int(workers)
-        self.batch_sizes: list[int] = []  # of every batch run (for tests and metrics)
+        self.batch_sizes: deque[int] = deque(maxlen=self.RECENT)  # of the latest batches (a server runs for months)
         self._queue: asyncio.Queue | None = None
         self._tasks: list[asyncio.Task] = []
 

@@ -98,12 +98,12 @@ def predict_stage(params: dict, args: argparse.Namespace) -> None:
     settings = ServeSettings.load(params)
     predictor = Predictor(model_dir, settings.device, settings.max_pixels, settings.runtime, settings.torch_threads)
     predictor.check_category(args.category)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .data.images import ImageLoadError, read_bytes
+    from .io import atomic_path
+
+    targets = overlay_paths(args.images, Path(args.out))
     failures = 0
     for path in args.images:
-        from .data.images import ImageLoadError, read_bytes
-
         try:
             image = predictor.decode(read_bytes(path), path)
         except ImageLoadError as exc:
@@ -111,8 +111,10 @@ def predict_stage(params: dict, args: argparse.Namespace) -> None:
             failures += 1
             continue
         result = predictor.predict([image], args.category)[0]
-        overlay_path = out_dir / f"{Path(path).parent.name}_{Path(path).stem}_overlay.png"
-        overlay_path.write_bytes(render_overlay(image, result, predictor.spec.image_size))
+        overlay_path = targets[path]
+        overlay_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(overlay_path) as tmp:
+            tmp.write_bytes(render_overlay(image, result, predictor.spec.image_size))
         decision = "ANOMALOUS" if result.is_anomaly else "normal"
         concept = f" concept={result.concept}" if result.concept is not None else ""
         print(
@@ -120,6 +122,19 @@ def predict_stage(params: dict, args: argparse.Namespace) -> None:
         )
     if failures:
         raise ValueError(f"{failures} of {len(args.images)} images could not be read")
+
+
+def overlay_paths(images: list[str], out: Path) -> dict[str, Path]:
+    """Where each input's overlay goes: its path below the inputs' common folder, mirrored under ``out``
+    (``a/good/000.png`` and ``b/good/000.png`` -> ``out/a/good/000_overlay.png``, ``out/b/...``); inputs all in
+    one folder keep that folder's name. Two different inputs never share an overlay."""
+    folders = [Path(os.path.abspath(p)).parent for p in images]
+    common = Path(os.path.commonpath(folders)) if folders else Path(".")
+    if all(f == common for f in folders):
+        common = common.parent
+    return {
+        p: out / Path(os.path.abspath(p)).relative_to(common).with_name(Path(p).stem + "_overlay.png") for p in images
+    }
 
 
 @stage("feedback")

@@ -45,6 +45,17 @@ def train_recipe(train: dict[str, Any], model_name: str | None) -> dict[str, Any
 
 
 SERVE_CHOICES = {"runtime": ("torch", "onnx")}
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+def _boolean(raw: Any) -> bool:
+    """YAML gives a bool, an environment variable a string: ``bool("false")`` would be True."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text not in TRUE + FALSE:
+        raise ValueError(raw)
+    return text in TRUE
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,9 @@ class ServeSettings:
     max_batch_images: int = 64  # images per /predict_batch request
     inbox: str = ""  # /feedback stores confirmed normals here (the retrain inbox: a folder or s3://bucket/prefix)
     review: str = ""  # and images labelled defective here ("": `review` beside the inbox)
+    # /feedback writes training data: with an inbox it needs VQFLOW_FEEDBACK_TOKEN, unless this opts in to anyone
+    # who reaches the port labelling images (a closed test network only)
+    feedback_unauthenticated: bool = False
 
     @classmethod
     def load(cls, params: dict[str, Any], environ: Mapping[str, str] | None = None) -> "ServeSettings":
@@ -79,7 +93,7 @@ class ServeSettings:
             if f"VQFLOW_{name.upper()}" in environ:
                 raw, where = environ[f"VQFLOW_{name.upper()}"], f"VQFLOW_{name.upper()}"
             try:
-                values[name] = kind(raw)
+                values[name] = _boolean(raw) if kind is bool else kind(raw)
             except (TypeError, ValueError) as exc:
                 raise ParamsError(f"{where}={raw!r}: expected {kind.__name__}") from exc
             if name in SERVE_CHOICES and values[name] not in SERVE_CHOICES[name]:

@@ -118,8 +118,14 @@ class Predictor:
         return calibrated_categories(self.thresholds)
 
     def decode(self, data: bytes, name: str = "upload") -> Image.Image:
-        """Decode uploaded bytes (any supported mode) to RGB; raises ImageLoadError naming the problem."""
-        return to_rgb(decode_image(data, name, self.max_pixels))
+        """Decode uploaded bytes (any supported mode) to RGB at the model's working size, at once: a queued upload
+        holds its working copy, not its full resolution. ``info["source_size"]`` keeps the original (width, height)
+        for the defect boxes. Raises ImageLoadError naming the problem."""
+        full = to_rgb(decode_image(data, name, self.max_pixels))
+        size = self.spec.image_size
+        working = full if full.size == (size, size) else full.resize((size, size), Image.BICUBIC)
+        working.info["source_size"] = full.size
+        return working
 
     def tensor(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.from_numpy(np.stack([image_to_array(img, self.spec.image_size) for img in images]))
@@ -154,7 +160,8 @@ class Predictor:
             image_threshold = threshold_for(self.thresholds, category, "image")
             mask = scored.maps[i] > threshold_for(self.thresholds, category, "pixel")
             anomalous = score > image_threshold
-            boxes = boxes_of(mask, img.width / size, img.height / size) if anomalous else []
+            width, height = img.info.get("source_size", img.size)
+            boxes = boxes_of(mask, width / size, height / size) if anomalous else []
             results.append(
                 Result(
                     score,

@@ -75,8 +75,28 @@ class FeedbackNotConfigured(BentoMLException):
     error_code = HTTPStatus.NOT_FOUND
 
 
+class FeedbackNotSecured(RuntimeError):
+    """A service with a retrain inbox and no feedback token: anyone reaching the port could add training data."""
+
+
+def feedback_store(settings: ServeSettings, token: str) -> FeedbackStore | None:
+    """The inbox /feedback writes to (None: no /feedback). An inbox without a token is refused unless
+    ``serve.feedback_unauthenticated`` opts in to an open endpoint."""
+    if not settings.inbox:
+        return None
+    if not token and not settings.feedback_unauthenticated:
+        raise FeedbackNotSecured(
+            f"serve.inbox is set ({settings.inbox}) but VQFLOW_FEEDBACK_TOKEN is not: /feedback would let anyone who "
+            "reaches this port put images into the retrain inbox as normal. Set VQFLOW_FEEDBACK_TOKEN to a secret "
+            "(clients send 'Authorization: Bearer <token>'), or, on a closed test network only, opt in to an open "
+            "endpoint with VQFLOW_FEEDBACK_UNAUTHENTICATED=true (serve.feedback_unauthenticated)"
+        )
+    return FeedbackStore(settings.inbox, settings.review)
+
+
 def token_matches(expected: str, authorization: str | None) -> bool:
-    """``Authorization: Bearer <token>`` against the shared token (constant time); no token set: open."""
+    """``Authorization: Bearer <token>`` against the shared token (constant time); no token: open (allowed only
+    when the service opted in, see ``feedback_store``)."""
     if not expected:
         return True
     scheme, _, given = (authorization or "").partition(" ")
@@ -121,6 +141,55 @@ class UniformErrors:
         await self.app(scope, receive, send_uniform)
 
 
+MULTIPART_MARGIN = 64 * 1024  # the form's boundaries, headers and small fields around the files
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than its endpoint can accept (``serve.max_upload_bytes`` per file,
+    ``serve.max_batch_images`` files on /predict_batch) is refused with 413 from its Content-Length, before any
+    of it is read or stored; a body without one (chunked) is cut off as soon as it passes the limit."""
+
+    def __init__(self, app, per_file: int, files_per_batch: int):
+        self.app, self.per_file, self.files_per_batch = app, per_file, files_per_batch
+
+    def limit(self, path: str) -> int:
+        files = self.files_per_batch if path.rstrip("/").endswith("predict_batch") else 1
+        return files * self.per_file + MULTIPART_MARGIN
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            return await self.app(scope, receive, send)
+        limit = self.limit(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _refuse(send, f"request body: {int(declared)} bytes declared, the limit is {limit}")
+        received, refused = 0, False
+
+        async def counted():
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit and not refused:
+                    refused = True
+                    await _refuse(send, f"request body: more than {limit} bytes, the limit")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, unless_refused)
+
+
+async def _refuse(send, message: str) -> None:
+    body = json.dumps({"status": 413, "error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers + [(b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _error_text(body: bytes) -> str:
     try:
         data = json.loads(body)
@@ -147,13 +216,13 @@ class AnomalyService:
     def __init__(self) -> None:
         self.ready = False
         self.tag = str(self.model.tag)
+        self.feedback_token = os.environ.get("VQFLOW_FEEDBACK_TOKEN", "")
+        self.feedback_store = feedback_store(SETTINGS, self.feedback_token)  # before the model loads: fail fast
         workers = SETTINGS.batch_workers
         threads = SETTINGS.torch_threads or max(1, (os.cpu_count() or 1) // workers)
         torch.set_num_threads(threads)
         self.predictor = Predictor(self.model.path, SETTINGS.device, SETTINGS.max_pixels, SETTINGS.runtime, threads)
         self.predictor.warmup()
-        self.feedback_store = FeedbackStore(SETTINGS.inbox, SETTINGS.review) if SETTINGS.inbox else None
-        self.feedback_token = os.environ.get("VQFLOW_FEEDBACK_TOKEN", "")
         self.batcher = MicroBatcher(self._score, SETTINGS.max_batch_size, SETTINGS.max_latency_ms, workers)
         self.ready = True
 
@@ -249,3 +318,6 @@ class AnomalyService:
 
 
 AnomalyService.add_asgi_middleware(UniformErrors)
+AnomalyService.add_asgi_middleware(
+    BodyLimit, per_file=SETTINGS.max_upload_bytes, files_per_batch=SETTINGS.max_batch_images
+)
