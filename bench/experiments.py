@@ -73,9 +73,11 @@ def suite_settings(suite: str, shared: str) -> dict[str, object]:
         within_15_minutes = {**longer, "epochs": 18, "lr_decay_epochs": [15]}
         # Magnetic Tile ships 4 empty and 6 anti-aliased masks: report them, do not stop on them
         # Magnetic Tile's images come in many sizes (cropped tiles): allowed for that category only
+        # Its published 80/20 split puts 14 shots of one tile under another light on both sides
+        # (bench/results/near_copies.md): reported, kept, so the figures stay comparable with published ones
         return {
             "prepare.sources": sources,
-            "validate.warn_only": ["mask_not_empty", "mask_binary"],
+            "validate.warn_only": ["mask_not_empty", "mask_binary", "no_near_copies_across_splits"],
             "validate.variable_size_categories": ["magnetic_tile"],
             "train.epochs": 8,
             "train.lr_decay_epochs": [6],

@@ -1,5 +1,6 @@
 import csv
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,27 @@ def test_mvtec_missing_mask_is_named(tiny_dataset, tmp_path):
     (root / "chip" / "ground_truth" / "scratch" / "000_mask.png").unlink()
     with pytest.raises(FileNotFoundError, match="scratch/000.png: no ground-truth mask"):
         list(read_mvtec(root))
+
+
+def test_a_category_with_upper_case_file_names_reads_like_lower_case(tiny_dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "upper"
+    shutil.copytree(tiny_dataset, root)
+    for path in sorted((root / "chip").rglob("*.png")):  # 000.png -> 000.PNG, 000_mask.png -> 000_MASK.PNG
+        path.rename(path.with_name(path.stem.upper() + ".PNG"))
+    jpeg = next((root / "chip/train/good").glob("*.PNG"))
+    Image.open(jpeg).convert("RGB").save(jpeg.with_suffix(".JPEG"), quality=95)
+    jpeg.unlink()
+    lower = {(s.split, s.label, s.defect_type, Path(s.path).stem.lower()) for s in read_mvtec(tiny_dataset, ["chip"])}
+    samples = list(read_mvtec(root, ["chip"]))
+    assert {(s.split, s.label, s.defect_type, Path(s.path).stem.lower()) for s in samples} == lower
+    for s in samples:
+        assert (s.label == 1) == bool(s.mask_path)
+        if s.mask_path:
+            assert s.mask_path.endswith(f"ground_truth/{s.defect_type}/{Path(s.path).stem}_MASK.PNG")
+    frame = build_manifest(samples, 0.25, 0, progress=False)
+    assert (frame.decode_error == "").all() and (frame[frame.label == 1].mask_fraction > 0).all()
 
 
 def test_a_mask_of_no_image_fails_prepare_with_the_file_named(tiny_dataset, tmp_path):

@@ -214,3 +214,58 @@ def test_inbox_batch_is_validated_against_the_dataset(dataset, tmp_path):
     )
     assert any(r.startswith("decodable") for r in verdict.rejected[str(inbox / "chip" / "broken.png")])
     assert validate_inbox(tmp_path / "empty", manifest, LIMITS).accepted == []
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        lambda im: im.transpose(Image.Transpose.ROTATE_90),
+        lambda im: im.resize((60, 60), Image.BICUBIC),
+        lambda im: im.point(lambda v: min(255, v + 12)),
+    ],
+    ids=["mirrored", "turned", "resized", "brightened"],
+)
+def test_a_near_copy_of_a_training_image_in_test_fails_naming_both_files(dataset, transform):
+    original = dataset / "chip/train/good/002.png"
+    copy = dataset / "chip/test/good/099.jpg"
+    transform(Image.open(original).convert("RGB")).save(copy, quality=85)  # and re-encoded as JPEG
+    report = validate_manifest(_manifest(dataset), {**LIMITS, "variable_size_categories": ["chip"]})
+    failed = _failed(report)
+    assert not report.success and "no_near_copies_across_splits" in failed
+    described = dict(zip(failed["no_near_copies_across_splits"].files, failed["no_near_copies_across_splits"].details))
+    assert f"near-copy of {original}" in described[str(copy)]
+    assert f"near-copy of {copy}" in described[str(original)]
+    assert "of 256 bits differ" in described[str(copy)]
+
+
+def test_near_copies_inside_one_split_are_a_warning_with_the_pair(dataset):
+    original = dataset / "fabric/train/good/001.png"
+    Image.open(original).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(dataset / "fabric/train/good/050.png")
+    report = validate_manifest(_manifest(dataset), LIMITS)
+    assert report.success  # a warning does not stop the gate
+    (warning,) = report.failures
+    assert (warning.check, warning.warning) == ("no_near_copies_in_split", True)
+    assert sorted(warning.files) == [str(original), str(dataset / "fabric/train/good/050.png")]
+    assert "flipped top-bottom" in warning.details[0]
+
+
+def test_an_image_over_max_size_is_refused_for_its_size_not_as_undecodable(dataset):
+    big = dataset / "chip/train/good/003.png"
+    Image.new("RGB", (9000, 9000), (90, 120, 150)).save(big)
+    report = validate_manifest(_manifest(dataset), {**LIMITS, "max_size": 8192})
+    failed = _failed(report)
+    assert "decodable" not in failed  # it decodes
+    (detail,) = [d for f, d in zip(failed["size_allowed"].files, failed["size_allowed"].details) if f == str(big)]
+    assert "9000x9000 px" in detail and "8192" in detail
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_an_unreadable_mask_is_named_with_what_is_wrong(dataset, damage):
+    mask = dataset / "fabric/ground_truth/hole/000_mask.png"
+    mask.write_bytes(b"" if damage == "empty" else mask.read_bytes()[:60])
+    failed = _failed(validate_manifest(_manifest(dataset), LIMITS))
+    assert "mask_matches_image" not in failed  # the mask is there; it cannot be read
+    (detail,) = failed["mask_readable"].details
+    assert failed["mask_readable"].files == [str(dataset / "fabric/test/hole/000.png")]
+    assert str(mask) in detail and ("empty file" if damage == "empty" else "cannot decode") in detail

@@ -175,6 +175,6 @@ def print_validation(report, console: Console | None = None) -> None:
         table.add_column(column)
     for f in report.failures:
         table.add_row(
-            f.check, "warning" if f.warning else "ERROR", str(f.count), f.reason, "\n".join(f.files[:5]) or f.column
+            f.check, "warning" if f.warning else "ERROR", str(f.count), f.reason, "\n".join(f.described()) or f.column
         )
     console.print(table)

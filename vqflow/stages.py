@@ -335,7 +335,7 @@ def validate(params: dict) -> "object":
     timing.record(params, "validate", seconds=time.perf_counter() - started)
     if not report.success:
         lines = [
-            f"  {f.check}: {f.count} rows - {f.reason}; e.g. {', '.join(f.files[:5]) or f.column}"
+            f"  {f.check}: {f.count} rows - {f.reason}; e.g. {'; '.join(f.described()) or f.column}"
             for f in report.errors
         ]
         error = DataValidationError("data validation failed (see " + p["docs"] + "/index.html):\n" + "\n".join(lines))

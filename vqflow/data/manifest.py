@@ -34,6 +34,7 @@ COLUMNS = [
     "height",
     "mode",
     "sha256",
+    "phash",
     "decode_error",
     "mean",
     "std",
@@ -42,9 +43,24 @@ COLUMNS = [
     "mask_height",
     "mask_fraction",
     "mask_nonbinary",
+    "mask_error",
 ]
 SPLITS = ("train", "val", "test")
 STATS_SIZE = 256
+# prepare measures what it can decode and leaves the verdict to the gate (validate.max_size): an image of 9000 x
+# 9000 is measured and refused for its size there, not called undecodable; beyond this it is not decoded at all
+STATS_MAX_PIXELS = 400_000_000
+# the dihedral group: a near-copy may be flipped or turned by 90 degrees (the first, the image as it is)
+DIHEDRAL = (
+    None,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+)
 
 
 def assign_validation(samples: Iterable[Sample], val_fraction: float, seed: int) -> list[tuple[Sample, str]]:
@@ -69,16 +85,28 @@ def assign_validation(samples: Iterable[Sample], val_fraction: float, seed: int)
     return [(s, "val" if i in val else s.split) for i, s in enumerate(samples)]
 
 
-def _sharpness(gray: np.ndarray) -> float:
-    """Variance of the Laplacian of the image at 256 px: low for blurred or flat images."""
-    small = np.asarray(Image.fromarray(gray).resize((STATS_SIZE, STATS_SIZE), Image.BILINEAR), dtype=np.float64)
-    return float(ndimage.laplace(small / 255.0).var())
+def _sharpness(small: Image.Image) -> float:
+    """Variance of the Laplacian of the grey image at 256 px: low for blurred or flat images."""
+    return float(ndimage.laplace(np.asarray(small, dtype=np.float64) / 255.0).var())
+
+
+HASH_SIZE = 16  # a 256-bit hash: 64 bits cannot tell two bottles of one line apart (bench/results/near_copies.md)
+
+
+def perceptual_hashes(small: Image.Image) -> str:
+    """The 256-bit DCT perceptual hash (imagehash.phash) of the grey image and of its 7 flips and quarter turns,
+    as 8 hex words: a re-encoded, resized or brightened copy hashes within a few bits of the image, a flipped
+    or rotated one within a few bits of one of the variants (vqflow/validation/checks.py compares them)."""
+    import imagehash
+
+    return " ".join(str(imagehash.phash(small if t is None else small.transpose(t), HASH_SIZE)) for t in DIHEDRAL)
 
 
 def image_stats(path: str) -> dict:
     """Decode a file and measure what validation checks; decoding failures are recorded, not raised."""
     row: dict = {
         "sha256": "",
+        "phash": "",
         "width": 0,
         "height": 0,
         "mode": "",
@@ -90,23 +118,31 @@ def image_stats(path: str) -> dict:
     try:
         data = read_bytes(path)
         row["sha256"] = hashlib.sha256(data).hexdigest()
-        img = decode_image(data, path)
+        img = decode_image(data, path, STATS_MAX_PIXELS)
     except ImageLoadError as exc:
         row["decode_error"] = str(exc)
         return row
     row.update(width=img.width, height=img.height, mode=img.mode)
-    gray = np.asarray(to_rgb(img).convert("L"))
-    row.update(mean=float(gray.mean() / 255.0), std=float(gray.std() / 255.0), sharpness=_sharpness(gray))
+    grey = to_rgb(img).convert("L")
+    gray = np.asarray(grey)
+    small = grey.resize((STATS_SIZE, STATS_SIZE), Image.BILINEAR)
+    row.update(
+        mean=float(gray.mean() / 255.0),
+        std=float(gray.std() / 255.0),
+        sharpness=_sharpness(small),
+        phash=perceptual_hashes(small),
+    )
     return row
 
 
 def mask_stats(path: str) -> dict:
-    row = {"mask_width": 0, "mask_height": 0, "mask_fraction": np.nan, "mask_nonbinary": np.nan}
+    row = {"mask_width": 0, "mask_height": 0, "mask_fraction": np.nan, "mask_nonbinary": np.nan, "mask_error": ""}
     if not path:
         return row
     try:
         img = decode_image(read_bytes(path), path)
-    except ImageLoadError:
+    except ImageLoadError as exc:  # a 0-byte, truncated or foreign file: the gate names it (check mask_readable)
+        row["mask_error"] = str(exc)
         return row
     gray = np.asarray(img.convert("L")) if img.mode not in ("I;16", "I") else np.asarray(img) / 257.0
     row.update(
@@ -156,7 +192,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"{path}: manifest not found (run `vqflow prepare` first)")
     frame = pd.read_csv(
         path,
-        dtype={"image_id": str, "mask_path": str, "decode_error": str, "mode": str},
+        dtype={"image_id": str, "mask_path": str, "decode_error": str, "mode": str, "phash": str, "mask_error": str},
         keep_default_na=False,
         na_values={"mean": [""], "std": [""], "sharpness": [""], "mask_fraction": [""], "mask_nonbinary": [""]},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,14 +21,27 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image(p.name))
 
 
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+
+
+@lru_cache(maxsize=64)
+def _files_by_lower_name(folder: Path) -> dict[str, Path]:
+    """A folder's files keyed by lower-case name: cameras and Windows tools write ``000.PNG`` / ``000_MASK.PNG``."""
+    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
 def _mask_for(root: Path, category: str, defect: str, image: Path) -> str:
     folder = root / category / "ground_truth" / defect
-    for suffix in (".png", ".bmp", ".tif", ".tiff"):
+    files = _files_by_lower_name(folder)
+    for suffix in MASK_SUFFIXES:
         for stem in (f"{image.stem}_mask", image.stem):
-            candidate = folder / f"{stem}{suffix}"
-            if candidate.is_file():
+            candidate = files.get(f"{stem}{suffix}".lower())
+            if candidate is not None:
                 return str(candidate)
-    raise FileNotFoundError(f"{image}: no ground-truth mask found in {folder} (expected {image.stem}_mask.png)")
+    raise FileNotFoundError(
+        f"{image}: no ground-truth mask found in {folder} (expected {image.stem}_mask.png; "
+        "any case of the name and of .png / .bmp / .tif)"
+    )
 
 
 def _optional_mask(root: Path, category: str, image: Path) -> str:
@@ -45,6 +59,7 @@ def read_mvtec(root: str | Path, categories: Iterable[str] | None = None) -> Ite
     missing = sorted(set(selected) - set(available))
     if missing:
         raise FileNotFoundError(f"{root}: categories {missing} not found (available: {available})")
+    _files_by_lower_name.cache_clear()  # a folder read before may have changed
     for category in selected:
         claimed: set[str] = set()
         for image in _images(root / category / "train" / GOOD):

@@ -44,8 +44,10 @@ def validate_inbox(inbox: str | Path, manifest: pd.DataFrame, limits: dict) -> I
     report = validate_manifest(combined.drop(columns="_inbox"), {**limits, "warn_only": []}, name="inbox")
     inbox_paths = set(new.path)
     rejected: dict[str, list[str]] = {}
-    for failure in report.failures:
-        for path in failure.files:
+    for failure in report.errors:  # a warning (a near-copy of another training image) does not reject
+        for path, detail in zip(failure.files, failure.details or [""] * len(failure.files)):
             if path in inbox_paths:
-                rejected.setdefault(path, []).append(f"{failure.check}: {failure.reason}")
+                rejected.setdefault(path, []).append(
+                    f"{failure.check}: {failure.reason}" + (f" ({detail})" if detail else "")
+                )
     return InboxVerdict(sorted(inbox_paths - set(rejected)), rejected)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .checks import derive
+from .checks import derive, details
 
 ID_COLUMN = "path"
 
@@ -28,21 +28,22 @@ def _expectations(limits: dict) -> list:
         return gxe.ExpectColumnValuesToBeInSet(column=column, value_set=[True], meta={"check": check, "reason": reason})
 
     image_rows = Column("decode_error") == ""  # statistics exist only for images that decode
+    low, high = int(limits.get("min_size", 32)), int(limits.get("max_size", 8192))
     expectations = [
         flag("decodes", "decodable", "the file cannot be decoded as an image"),
         gxe.ExpectColumnValuesToBeBetween(
             column="width",
-            min_value=int(limits.get("min_size", 32)),
-            max_value=int(limits.get("max_size", 8192)),
+            min_value=low,
+            max_value=high,
             row_condition=image_rows,
-            meta={"check": "size_allowed", "reason": "image width outside the allowed range"},
+            meta={"check": "size_allowed", "reason": f"image width outside the allowed {low} to {high} px"},
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column="height",
-            min_value=int(limits.get("min_size", 32)),
-            max_value=int(limits.get("max_size", 8192)),
+            min_value=low,
+            max_value=high,
             row_condition=image_rows,
-            meta={"check": "size_allowed", "reason": "image height outside the allowed range"},
+            meta={"check": "size_allowed", "reason": f"image height outside the allowed {low} to {high} px"},
         ),
         gxe.ExpectColumnValuesToBeInSet(
             column="mode",
@@ -50,6 +51,7 @@ def _expectations(limits: dict) -> list:
             row_condition=image_rows,
             meta={"check": "mode_allowed", "reason": "image mode (channels) not in the allowed set"},
         ),
+        flag("mask_readable", "mask_readable", "the mask file cannot be read (empty, truncated or not an image)"),
         flag("mask_matches_image", "mask_matches_image", "defective test image without a mask of the same size"),
         flag("mask_not_empty", "mask_not_empty", "the mask of a defective image is empty"),
         flag(
@@ -61,6 +63,18 @@ def _expectations(limits: dict) -> list:
         flag("train_is_normal", "train_is_normal", "a defective image is in the training data"),
         flag("not_leaked", "no_train_test_leakage", "the same image (sha256) is in train and in test"),
         flag("unique_in_split", "no_duplicates_in_split", "exact duplicate image inside one split"),
+        flag(
+            "not_near_copy_across_splits",
+            "no_near_copies_across_splits",
+            "a test image is a near-copy (flipped, turned, re-encoded, resized or brightened) of a training image:"
+            " the test split would measure memory (validate.near_copy_distance)",
+        ),
+        flag(
+            "not_near_copy_in_split",
+            "no_near_copies_in_split",
+            "two images of one split are near-copies (validate.near_copy_distance); a warning: the same part"
+            " photographed twice is normal",
+        ),
         flag("category_has_enough_images", "min_images_per_category", "the category has too few train or test images"),
         flag(
             "size_consistent",
@@ -105,6 +119,9 @@ def _expectations(limits: dict) -> list:
     return expectations
 
 
+WARNINGS = {"no_near_copies_in_split"}  # checks that never stop the gate (validate.warn_only adds more)
+
+
 @dataclass
 class Failure:
     check: str
@@ -113,6 +130,11 @@ class Failure:
     count: int
     files: list[str]
     warning: bool
+    details: list[str] = field(default_factory=list)  # per file (same order): what exactly is wrong, or ""
+
+    def described(self, limit: int = 5) -> list[str]:
+        """The first ``limit`` files, each with what is wrong with it."""
+        return [f"{f}: {d}" if d else f for f, d in zip(self.files[:limit], self.details[:limit] or [""] * limit)]
 
 
 @dataclass
@@ -171,7 +193,9 @@ def validate_manifest(
     finally:
         if project:
             shutil.rmtree(project, ignore_errors=True)
-    warn_only = set(limits.get("warn_only", []) or [])
+    warn_only = set(limits.get("warn_only", []) or []) | WARNINGS
+    rows = frame.set_index(ID_COLUMN, drop=False)
+    rows = rows[~rows.index.duplicated()]
     failures = []
     run_result = next(iter(outcome.run_results.values()))
     for item in run_result.results:
@@ -180,14 +204,16 @@ def validate_manifest(
         meta = item.expectation_config.meta or {}
         result = item.result or {}
         files = [row[ID_COLUMN] for row in result.get("unexpected_index_list", []) if isinstance(row, dict)]
+        check = meta.get("check", item.expectation_config.type)
         failures.append(
             Failure(
-                meta.get("check", item.expectation_config.type),
+                check,
                 meta.get("reason", ""),
                 item.expectation_config.kwargs.get("column", ""),
                 int(result.get("unexpected_count", len(files))),
                 files,
-                meta.get("check") in warn_only,
+                check in warn_only,
+                [details(rows.loc[f], check, limits) if f in rows.index else "" for f in files],
             )
         )
     success = not any(not f.warning for f in failures)
