@@ -52,8 +52,10 @@ class CheckoutNotClean(RuntimeError):
 
 @functools.cache
 def _environment(cwd: Path) -> dict[str, str]:
-    """The commands' environment: a fresh worker has no git identity, so commits get the flow's own."""
+    """The commands' environment: a fresh worker has no git identity, so commits get the flow's own; the stages'
+    commands (`vqflow ...` in dvc.yaml) are this interpreter's, found first on PATH."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if subprocess.run(["git", "config", "user.email"], cwd=cwd, capture_output=True).returncode:
         env.update({k: v for k, v in IDENTITY.items() if k not in env})
     return env
@@ -130,8 +132,11 @@ def check_inbox(root: str, folder: str) -> dict:
     """Validate every image of the (local) inbox folder against the current dataset:
     {"accepted": [...], "rejected": {path: reasons}}."""
     params = load_params(Path(root) / "params.yaml")
-    manifest = read_manifest(Path(root) / params["prepare"]["manifest"])
-    verdict = validate_inbox(folder, manifest, params["validate"])
+    manifest_path = Path(root) / params["prepare"]["manifest"]
+    if not manifest_path.is_file():  # a bare clone (no `dvc pull` yet): the data set the inbox is checked against
+        print(f"{params['prepare']['manifest']} is missing: `dvc repro prepare` first")
+        _dvc(Path(root), "repro", "--quiet", "prepare")
+    verdict = validate_inbox(folder, read_manifest(manifest_path), params["validate"])
     return {"accepted": verdict.accepted, "rejected": verdict.rejected}
 
 

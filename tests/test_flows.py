@@ -288,3 +288,17 @@ def test_a_stage_is_retried_only_when_its_exit_code_says_transient(tmp_path, exi
     failed, name, message = one_stage()
     assert failed and name == error and f"exit {exit_code}" in message and "working" in message
     assert counter.read_text() == "x" * attempts
+
+
+def test_the_inbox_check_of_a_bare_clone_makes_the_manifest_first(tmp_path):
+    """A clone before `dvc pull` / `dvc repro` has no data/manifest.csv: the retrain flow runs the prepare stage
+    (it was a bare FileNotFoundError)."""
+    from flows.retrain import check_inbox
+
+    repo = scratch_repo(tmp_path)
+    assert not (repo / "data/manifest.csv").exists()
+    inbox = tmp_path / "inbox"
+    fresh = new_normals(inbox, 2, 900)
+    verdict = check_inbox.fn(str(repo), str(inbox))
+    assert (repo / "data/manifest.csv").is_file()
+    assert verdict["accepted"] == sorted(str(p) for p in fresh) and verdict["rejected"] == {}

@@ -168,3 +168,50 @@ def test_an_unreachable_publish_target_is_a_transient_failure_that_promotes_noth
     assert run.returncode == 75, (run.returncode, run.stderr[-2000:])
     assert "transient error, retry" in run.stderr
     assert not (root / "champions.json").exists()  # not promoted: the retry will publish and promote
+
+
+def _of_dataset(metrics, fingerprint, categories=None):
+    """``metrics`` as if measured on another evaluation split (and other categories)."""
+    other = copy.deepcopy(metrics)
+    if categories:
+        other["per_category"] = {c: next(iter(metrics["per_category"].values())) for c in categories}
+    other["dataset"] = {"categories": sorted(other["per_category"]), "fingerprint": fingerprint}
+    return other
+
+
+def test_a_new_data_set_starts_its_own_champion_line_and_each_line_is_compared_within(project):
+    from vqflow.model_store import line_champion, read_record
+
+    root, env, metrics = project
+    ours = _of_dataset(metrics, "a" * 64)
+    first = _export(root, env, ours)
+    assert first["role"] == "champion"
+    theirs = _of_dataset(metrics, "b" * 64, ["bolt", "gear"])  # the user's own line: other parts, other images
+    second = _export(root, env, theirs, thresholds_shift=1.0)
+    assert second["role"] == "champion", second["reasons"]
+    assert "first model of its data set" in second["reasons"][0] and first["tag"] in second["reasons"][0]
+    record = read_record(root / "champions.json")
+    assert [e["tag"] for e in record] == [first["tag"], second["tag"]]  # the service serves the latest
+    assert record[-1]["metrics"]["dataset"]["fingerprint"] == "b" * 64
+    # back on the first data set, a worse model is compared with that data set's champion, not the other line's
+    worse = copy.deepcopy(ours)
+    worse["per_category"][next(iter(worse["per_category"]))]["mad"] -= 0.05
+    third = _export(root, env, worse, thresholds_shift=2.0)
+    assert third["role"] == "challenger" and third["champion_tag"] == first["tag"]
+    assert line_champion(read_record(root / "champions.json"), worse)["tag"] == first["tag"]
+    started = _cli(root, env, "promote", third["tag"], "--new-line")  # a new line on purpose
+    assert started.returncode == 0, started.stderr
+    latest = read_record(root / "champions.json")[-1]
+    assert latest["tag"] == third["tag"] and "new champion line started on purpose" in latest["reason"]
+
+
+def test_a_record_from_before_data_sets_were_kept_is_matched_by_categories(project):
+    from vqflow.model_store import same_dataset
+
+    _, _, metrics = project
+    legacy = {
+        "tag": "vqflow-anomaly:old",
+        "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]},
+    }
+    assert same_dataset(legacy, _of_dataset(metrics, "c" * 64))
+    assert not same_dataset(legacy, _of_dataset(metrics, "c" * 64, ["bolt"]))

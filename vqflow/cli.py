@@ -82,7 +82,7 @@ def export_stage(params: dict, args: argparse.Namespace) -> None:
 @stage("promote")
 def promote_stage(params: dict, args: argparse.Namespace) -> None:
     """Make a stored model the champion on purpose, if it is not worse than the current one."""
-    record = stages.promote(params, args.tag)
+    record = stages.promote(params, args.tag, args.new_line)
     print(f"{record['tag']} is the champion: " + "; ".join(record["reasons"]))
 
 
@@ -223,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
         if name == "promote":
             command.add_argument("tag", help="model tag, e.g. vqflow-anomaly:0123abcd... (bentoml models list)")
+            command.add_argument(
+                "--new-line",
+                action="store_true",
+                help="start a new champion line with it, compared with no earlier champion (the record says so)",
+            )
         if name == "predict":
             command.add_argument("images", nargs="*", help="image files to score")
             command.add_argument("--model", help="model directory (default: outputs.model of params)")

@@ -4,8 +4,11 @@
   so the same model has the same tag on every machine and exporting it again changes nothing (a fresh clone with
   an empty store re-exports, and gets the tag its champion record names).
 - **Promotion** appends the model to the champion record (``outputs.champions``, committed with the pipeline
-  run) when it is not worse than the current champion: no mean metric drops more than ``tolerance_mean`` and
-  no category's mAD more than ``tolerance_category``. The export stage promotes only from a committed run on
+  run) when it is not worse than the champion of its data set: no mean metric drops more than
+  ``tolerance_mean`` and no category's mAD more than ``tolerance_category``. A champion is measured on one
+  evaluation split (``metrics.dataset``: its categories and a fingerprint of its images): a model of another data
+  set is never compared with it, and the first model of a new data set starts that data set's champion line
+  (``vqflow promote TAG --new-line`` starts one on purpose). The service serves the record's latest entry. The export stage promotes only from a committed run on
   ``export.promote_branch`` outside a DVC experiment; anything else stays a challenger until ``vqflow promote
   TAG`` is asked for explicitly (same rule). ``git log -p registry/champions.json`` is the history.
 - **Publishing** copies a promoted model to ``export.publish`` (e.g. ``s3://bucket/models/``), from where a
@@ -58,6 +61,27 @@ def compare(new: dict, champion: dict | None, tolerance_mean: float, tolerance_c
                 f"{category} mAD {100 * value:.2f} < champion {100 * old['mad']:.2f} - {100 * tolerance_category:.2f}"
             )
     return Decision(not reasons, reasons or ["not worse than the champion on every mean metric and category"])
+
+
+def same_dataset(entry: dict, metrics: dict) -> bool:
+    """Was the champion ``entry`` measured on the data set of ``metrics``? Entries of before the record kept the
+    data set are matched by their categories."""
+    theirs, ours = entry.get("metrics", {}).get("dataset"), metrics.get("dataset")
+    if theirs and ours:
+        return theirs.get("fingerprint") == ours.get("fingerprint")
+    return set(entry.get("metrics", {}).get("per_category", {})) == set(metrics.get("per_category", {}))
+
+
+def line_champion(record: list[dict], metrics: dict) -> dict | None:
+    """The latest champion measured on the data set of ``metrics`` (None: that data set has none yet)."""
+    return next((entry for entry in reversed(record) if same_dataset(entry, metrics)), None)
+
+
+def _describe(metrics: dict) -> str:
+    dataset = metrics.get("dataset") or {}
+    categories = dataset.get("categories") or sorted(metrics.get("per_category", {}))
+    fingerprint = dataset.get("fingerprint", "")
+    return f"categories {', '.join(categories)}" + (f", evaluation split {fingerprint[:12]}" if fingerprint else "")
 
 
 def read_record(path: str | Path = DEFAULT_RECORD) -> list[dict]:
@@ -128,7 +152,7 @@ def import_bundle(bundle: ModelBundle, metrics: dict, dvc_lock: str | Path = "dv
         "model": bundle.meta["model"],
         "backbone": bundle.spec.name,
         "image_size": bundle.spec.image_size,
-        "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]},
+        "metrics": _recorded(metrics),
         "thresholds": bundle.thresholds,
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
@@ -141,6 +165,14 @@ def import_bundle(bundle: ModelBundle, metrics: dict, dvc_lock: str | Path = "dv
     return tag
 
 
+def _recorded(metrics: dict) -> dict:
+    """What the store and the champion record keep of a metrics JSON: the figures and the data set measured on."""
+    kept = {"mean": metrics["mean"], "per_category": metrics["per_category"]}
+    if metrics.get("dataset"):
+        kept["dataset"] = metrics["dataset"]
+    return kept
+
+
 def promote(tag: str, metrics: dict, record_path: str | Path, reason: str, publish: str = "") -> None:
     """Append ``tag`` to the champion record (atomically) and publish it when a destination is configured."""
     if publish:  # first: a failed upload leaves no champion entry behind, so a retry publishes again
@@ -150,7 +182,7 @@ def promote(tag: str, metrics: dict, record_path: str | Path, reason: str, publi
         "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "reason": reason,
-        "metrics": {"mean": metrics["mean"], "per_category": metrics["per_category"]},
+        "metrics": _recorded(metrics),
     }
     write_json(record_path, [*read_record(record_path), entry])
 
@@ -184,11 +216,15 @@ class PromotionRule:
         )
 
 
-def _decide(tag: str, metrics: dict, rule: PromotionRule, blocker: str | None, note: str = "") -> dict:
-    """The one promotion rule: ``tag`` becomes the champion unless it already is, it is worse than the champion,
-    or ``blocker`` says why not now. Returns the decision record (promoting when decided)."""
-    current = champion(rule.record)
-    if current and current["tag"] == tag:
+def _decide(
+    tag: str, metrics: dict, rule: PromotionRule, blocker: str | None, note: str = "", new_line: bool = False
+) -> dict:
+    """The one promotion rule: ``tag`` becomes the champion unless it already is, it is worse than the champion of
+    its data set, or ``blocker`` says why not now; ``new_line``: a champion line starts with it, uncompared.
+    Returns the decision record (promoting when decided)."""
+    record = read_record(rule.record)
+    current = record[-1] if record else None
+    if current and current["tag"] == tag and not new_line:
         return {
             "tag": tag,
             "role": "champion",
@@ -196,8 +232,17 @@ def _decide(tag: str, metrics: dict, rule: PromotionRule, blocker: str | None, n
             "champion_tag": tag,
             "reasons": ["already the champion (same content tag)"],
         }
-    decision = compare(metrics, current["metrics"] if current else None, rule.tolerance_mean, rule.tolerance_category)
-    decision.champion_tag = current["tag"] if current else None
+    rival = None if new_line else line_champion(record, metrics)
+    decision = compare(metrics, rival["metrics"] if rival else None, rule.tolerance_mean, rule.tolerance_category)
+    if new_line:
+        decision.reasons = [f"a new champion line started on purpose ({_describe(metrics)})"]
+    elif rival is None and current is not None:
+        decision.reasons = [
+            f"the first model of its data set ({_describe(metrics)}): it starts that data set's champion line; "
+            f"the champion before, {current['tag']}, was measured on other data ({_describe(current['metrics'])}) "
+            "and is not compared with it"
+        ]
+    decision.champion_tag = (rival or current or {}).get("tag")
     if blocker:
         decision = Decision(False, [*decision.reasons, f"not promoted: {blocker}"], decision.champion_tag)
     if decision.promote:
@@ -212,8 +257,9 @@ def export(model_dir: str | Path, metrics: dict, params: dict) -> dict:
     return _decide(tag, metrics, rule, promotion_blocker(rule.promote_branch))
 
 
-def promote_explicitly(tag: str, params: dict) -> dict:
-    """`vqflow promote TAG`: make a stored model the champion on purpose, if it is not worse (same rule)."""
+def promote_explicitly(tag: str, params: dict, new_line: bool = False) -> dict:
+    """`vqflow promote TAG`: make a stored model the champion on purpose, if it is not worse than the champion of
+    its data set (same rule); ``new_line``: start a champion line with it, compared with none."""
     stored = _store_model(tag)
     if stored is None or not tag.startswith(MODEL_NAME + ":"):
         raise ValueError(
@@ -226,6 +272,7 @@ def promote_explicitly(tag: str, params: dict) -> dict:
         PromotionRule.from_params(params),
         None,
         "explicit `vqflow promote`; ",
+        new_line,
     )
     if record["role"] != "champion":
         raise ValueError(

@@ -14,6 +14,7 @@ import hmac
 import io
 import json
 import os
+import sys
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
@@ -207,6 +208,16 @@ def _error_text(body: bytes) -> str:
 
 
 SETTINGS = ServeSettings.load(_params())
+
+
+def building_a_bento() -> bool:
+    """Whether this import is `bentoml build`'s (which packs the service: the token is the serving machine's)."""
+    return sys.argv[1:2] == ["build"] and Path(sys.argv[0]).name in ("bentoml", "__main__.py")
+
+
+if not building_a_bento():
+    # at import, so that `bentoml serve` itself stops: a worker that fails in __init__ leaves the server up, unready
+    feedback_store(SETTINGS, os.environ.get("VQFLOW_FEEDBACK_TOKEN", ""))
 
 
 @bentoml.service(traffic={"timeout": 60, "max_concurrency": 64}, workers=1)

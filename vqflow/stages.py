@@ -188,6 +188,7 @@ def evaluate(params: dict) -> dict:
         None if limit is None else int(limit),
     )
     metrics["at_threshold"] = decisions(test, scores, thresholds)
+    metrics["dataset"] = dataset_identity(test)
     metrics["epochs"] = meta.get("epochs")
     metrics["model"] = meta["model"]
     write_json(out["metrics"], metrics)
@@ -197,6 +198,20 @@ def evaluate(params: dict) -> dict:
     write_report(params, meta, metrics, manifest, plot_paths, out["report"])
     timing.record(params, "evaluate", fps=inference_fps(bundle, model, test, device))
     return metrics
+
+
+def dataset_identity(test: pd.DataFrame) -> dict:
+    """Which data the metrics were measured on: the categories and a fingerprint of the evaluation split (its
+    images' contents and labels, not their paths: the same data in another clone has the same fingerprint). New
+    normal images go to train/val, so retraining keeps the fingerprint; another data set has another one."""
+    import hashlib
+
+    lines = sorted(f"{r.category}\t{r.label}\t{r.defect_type}\t{r.sha256}" for r in test.itertuples())
+    return {
+        "categories": sorted(test.category.unique().tolist()),
+        "test_images": len(test),
+        "fingerprint": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+    }
 
 
 def measure_test_split(
@@ -357,9 +372,10 @@ def export(params: dict) -> dict:
     return record
 
 
-def promote(params: dict, tag: str) -> dict:
-    """Make a stored model the champion on purpose (the same not-worse rule as the export stage)."""
+def promote(params: dict, tag: str, new_line: bool = False) -> dict:
+    """Make a stored model the champion on purpose (the same not-worse rule as the export stage); ``new_line``:
+    start a champion line with it."""
     from .model_store import promote_explicitly
 
     section(params, "export", ("tolerance_mean", "tolerance_category"))
-    return promote_explicitly(tag, params)
+    return promote_explicitly(tag, params, new_line)
