@@ -76,9 +76,12 @@ def built(trained_project, tmp_path_factory, s3):
         "export": {**params["export"], "publish": "s3://vqflow-models/champions/"},
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params))
+    for clutter in ("data/synthetic/x.png", "models/model/m.bin", ".dvc/cache/ab", ".venv-peer/lib/x.py"):
+        (project / clutter).parent.mkdir(parents=True, exist_ok=True)  # what a user's checkout holds beside the code
+        (project / clutter).write_bytes(b"not for the bento")
     env = {
         **s3_env(s3),
-        "BENTOML_HOME": str(tmp_path_factory.mktemp("home_dev")),
+        "BENTOML_HOME": str(project / ".home/bentoml"),  # inside the project, as the Makefile has it
         "BENTOML_DO_NOT_TRACK": "true",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
@@ -90,8 +93,27 @@ def built(trained_project, tmp_path_factory, s3):
     assert json.loads((project / "registry/champions.json").read_text())[-1]["tag"] == tag
     again = _run([BIN / "vqflow", "export"], project, env)
     assert "already the champion" in again  # the same model exported again: the same content tag, nothing new
-    _run([BIN / "bentoml", "build"], project, env)
+    # after a retrain a user builds again into the same home: BentoML's temporary build folder and the first bento
+    # are inside the project then; with an inbox configured and no token (that is the serving machine's)
+    for _ in range(2):
+        _run([BIN / "bentoml", "build"], project, {**env, "VQFLOW_INBOX": str(project / "inbox")})
     return project, params, env, tag
+
+
+def test_a_second_build_into_a_home_inside_the_project_packs_only_what_bentofile_names(built):
+    _, _, env, _ = built
+    bentos = Path(env["BENTOML_HOME"]) / "bentos/vqflow-anomaly-service"
+    versions = sorted((p for p in bentos.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    assert len(versions) == 2
+    source = versions[-1] / "src"
+    packed = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+    assert packed and all(
+        p.startswith("vqflow/")
+        and p.endswith(".py")
+        or p in ("params.yaml", "registry/champions.json", "bentofile.yaml")
+        for p in packed
+    ), packed
+    assert not [p for p in source.rglob("*") if p.is_dir() and p.name in (".home", "data", "models", ".dvc", ".venv")]
 
 
 def test_bento_lists_the_champion_and_only_serving_requirements(built):
