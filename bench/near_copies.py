@@ -3,8 +3,9 @@ false positives among the distinct images, the distance of planted copies, and i
 
     python -m bench.near_copies [--shared ../shared]
 
-Writes bench/results/near_copies.{json,md} (the README block ``near-copies``) and near_copies_pairs.png, every
-flagged pair side by side so that a person can see whether it is a real near-copy.
+Writes bench/results/near_copies.{json,md} (the README block ``near-copies``) and bench/.work/near_copies_pairs.png,
+every flagged pair side by side so that a person can see whether it is a real near-copy (git-ignored: it shows images
+of ../shared, which are never committed).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def main() -> None:
                 + ", ".join(f"{k} {v}" for k, v in planted.items())
                 + f" | {check_seconds:.2f} s of {prepare_seconds:.1f} s ({100 * check_seconds / prepare_seconds:.1f} %) |"
             )
-        pairs_sheet(flagged_pairs, ROOT / "bench/results/near_copies_pairs.png")
+        (ROOT / "bench/.work").mkdir(parents=True, exist_ok=True)
+        pairs_sheet(flagged_pairs, ROOT / "bench/.work/near_copies_pairs.png")
     table = "\n".join(
         [
             f"Near-copy check: 256-bit perceptual hash (imagehash.phash, 16 x 16 DCT) under the 8 flips and quarter "
@@ -152,7 +154,8 @@ def main() -> None:
             "|---|---:|---:|---:|---:|---|---|---:|",
             *rows,
             "",
-            "Flagged pairs, side by side: [near_copies_pairs.png](near_copies_pairs.png).",
+            "Flagged pairs, side by side: `bench/.work/near_copies_pairs.png` (written by the script, not committed: "
+            "it shows the data sets' images).",
         ]
     )
     print(publish("near_copies", payload, table, "near-copies"))
