@@ -4,8 +4,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from vqflow.testing import bentoml_server
+from vqflow.testing import bentoml_server, export_for_serving
 
 
 FEEDBACK_TOKEN = "s3cret-token"
@@ -44,19 +42,8 @@ def server(request, trained_project, tmp_path_factory):
         "VQFLOW_INBOX": str(home / "line/inbox"),
         "VQFLOW_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
     }
-    import yaml
-
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    exported = subprocess.run(
-        [sys.executable, "-m", "vqflow.cli", "--params", str(root / "params.yaml"), "export"],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
-    assert exported.returncode == 0, exported.stderr
-    assert "as challenger" in exported.stdout  # not a committed run on main: stored, not promoted
-    env["VQFLOW_MODEL_TAG"] = json.loads(Path(params["outputs"]["export"]).read_text())["tag"]
+    env["VQFLOW_MODEL_TAG"], printed = export_for_serving(root, params, env)
+    assert "as challenger" in printed  # not a committed run on main: stored, not promoted
     with bentoml_server(env) as (url, _):
         yield url, root, params, Path(env["VQFLOW_INBOX"]), request.param
 

@@ -3,7 +3,6 @@ without a feedback token, an opted-in open endpoint, a body over the upload limi
 Content-Length), and the memory 64 large images at once cost."""
 
 import io
-import json
 import os
 import socket
 import subprocess
@@ -16,10 +15,9 @@ import numpy as np
 import psutil
 import pytest
 import requests
-import yaml
 from PIL import Image
 
-from vqflow.testing import bentoml_server, free_port
+from vqflow.testing import bentoml_server, export_for_serving, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -31,16 +29,7 @@ def service_env(trained_project, tmp_path_factory):
     home = tmp_path_factory.mktemp("limits_home")
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "VQFLOW_RUNTIME": "torch"}
     env.pop("VQFLOW_FEEDBACK_TOKEN", None)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    exported = subprocess.run(
-        [sys.executable, "-m", "vqflow.cli", "--params", str(root / "params.yaml"), "export"],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
-    assert exported.returncode == 0, exported.stderr
-    env["VQFLOW_MODEL_TAG"] = json.loads(Path(params["outputs"]["export"]).read_text())["tag"]
+    env["VQFLOW_MODEL_TAG"], _ = export_for_serving(root, params, env)
     return env, home, params
 
 

@@ -217,3 +217,21 @@ def bentoml_server(
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def export_for_serving(root: Path, params: dict, env: dict[str, str]) -> tuple[str, str]:
+    """`vqflow export` of a trained tiny project into ``env``'s BentoML home: (the model's tag, what export printed)."""
+    import json
+    import yaml
+
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    exported = subprocess.run(
+        [sys.executable, "-m", "vqflow.cli", "--params", str(root / "params.yaml"), "export"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if exported.returncode != 0:
+        raise RuntimeError(f"vqflow export failed: {exported.stderr[-2000:]}")
+    return json.loads(Path(params["outputs"]["export"]).read_text())["tag"], exported.stdout
