@@ -57,8 +57,10 @@ def _transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, task_run_name="{stage}")
-def run_stage(stage: str, repo: str, force: bool = False) -> str:
-    """`dvc repro --single-item <stage>` in ``repo``: DVC records it in dvc.lock, the CLI runs `vqflow.stages`."""
+def run_stage(stage: str, repo: str, force: bool = False, env: dict[str, str] | None = None) -> str:
+    """`dvc repro --single-item <stage>` in ``repo``: DVC records it in dvc.lock, the CLI runs `vqflow.stages`;
+    ``env``: variables added to the stage's environment."""
+    import os
     import re
     import subprocess
     import sys
@@ -68,7 +70,13 @@ def run_stage(stage: str, repo: str, force: bool = False) -> str:
     command = [dvc, "repro", "--single-item", stage] + (["--force"] if force else [])
     tail: list[str] = []
     with subprocess.Popen(
-        command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env={**os.environ, **(env or {})},
     ) as process:
         for line in process.stdout:  # streamed: a long stage shows its progress while it runs
             line = line.rstrip()
@@ -105,13 +113,19 @@ def metrics_artifacts(repo: Path, params: dict) -> dict:
 
 
 @flow(name="vqflow-pipeline", log_prints=True)
-def pipeline(repo: str = ".", stages_to_run: list[str] | None = None, force: list[str] | None = None) -> dict:
-    """generate -> prepare -> validate -> features -> train -> evaluate -> export in a git + DVC repo."""
+def pipeline(
+    repo: str = ".",
+    stages_to_run: list[str] | None = None,
+    force: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """generate -> prepare -> validate -> features -> train -> evaluate -> export in a git + DVC repo; ``env``:
+    variables added to every stage's environment."""
     root = Path(repo).resolve()
     params = load_params(root / "params.yaml")
     selected = [s for s in STAGES if s in (stages_to_run or STAGES)]
     for stage in selected:
-        run_stage(stage, str(root), stage in (force or []))
+        run_stage(stage, str(root), stage in (force or []), env)
     return metrics_artifacts(root, params) if "evaluate" in selected else {}
 
 

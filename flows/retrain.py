@@ -7,8 +7,9 @@ A run is a transaction on the checkout's branch B (e.g. main):
 2. inbox images already committed on B (a run killed after it landed) are published and leave the inbox;
 3. the rest are validated against the dataset (bad ones go to the quarantine with the reasons);
 4. on ``vqflow-retrain/B``: copy the accepted images to data/added under their content's name (sha256),
-   `dvc add` + commit, run the pipeline (the export stage promotes only if not worse), commit dvc.lock and the
-   champion record, `dvc push`;
+   `dvc add` + commit, run the pipeline (the export stage promotes only if not worse; with
+   ``retrain.approval: required`` it holds the promotion and the run pauses for a person's answer, flows/approval.py),
+   commit dvc.lock and the champion record, `dvc push`;
 5. land: B is fast-forwarded to the transaction branch (`git update-ref` with the old value, atomic), `git push`;
 6. only now do the images leave the inbox.
 A failure in 4-5 returns to B as in 1 and raises the original error; a kill -9 anywhere leaves a state that 1-2 of
@@ -28,11 +29,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import TransientStageError, pipeline
+from flows import approval
+from flows.pipeline import TransientStageError, pipeline, run_stage
 from vqflow.config import load_params
 from vqflow.data.manifest import read_manifest
 from vqflow.io import read_json
-from vqflow.model_store import TRANSACTION_PREFIX
+from vqflow.model_store import HOLD_VARIABLE, NOTE_VARIABLE, TRANSACTION_PREFIX
 from flows import inbox as inbox_store
 from vqflow.feedback import SIDECAR
 from vqflow.validation import validate_inbox
@@ -44,6 +46,10 @@ IDENTITY = {
     "GIT_COMMITTER_NAME": "vqflow retrain",
     "GIT_COMMITTER_EMAIL": "vqflow-retrain@localhost",
 }
+
+
+class ApprovalTimeout(RuntimeError):
+    """Nobody answered a paused run in time (retrain.approval_timeout_hours): the run rolls back."""
 
 
 class CheckoutNotClean(RuntimeError):
@@ -246,16 +252,6 @@ def _champion(root: Path) -> dict | None:
     return champion(root / load_params(root / "params.yaml").get("outputs", {}).get("champions", DEFAULT_RECORD))
 
 
-def _comparison(before: dict | None, after: dict) -> str:
-    lines = ["| category | champion mAD | challenger mAD | change |", "|---|---:|---:|---:|"]
-    for category, values in after["per_category"].items():
-        old = (before or {}).get("per_category", {}).get(category, {}).get("mad")
-        new = values["mad"]
-        change = f"{100 * (new - old):+.2f}" if old is not None else "new"
-        lines.append(f"| {category} | {'-' if old is None else f'{100 * old:.2f}'} | {100 * new:.2f} | {change} |")
-    return "\n".join(lines)
-
-
 def _settle(root: Path, inbox: str, inbox_images: list[Path], branch: str, push: bool, logger) -> list[Path]:
     """Inbox images whose copies are committed on ``branch`` (a run was killed after landing): publish, then
     remove them from the inbox. Returns the images still waiting."""
@@ -284,6 +280,11 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
     root = Path(repo).resolve()
     for note in recover(str(root)):
         logger.warning(note)
+    params = load_params(root / "params.yaml")
+    approval_mode, hours = approval.mode(params)
+    if approval_mode == "required" and (waiting := approval.waiting_runs()):
+        logger.warning("run %s still waits for an answer (python -m flows.approval): not retraining", waiting[0].id)
+        return {"status": "waiting for approval", "run": str(waiting[0].id)}
     branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
     if branch == "HEAD":
         raise CheckoutNotClean(f"{root} is on a detached HEAD: retraining commits to a branch (check one out)")
@@ -297,7 +298,6 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
     )
     for path in moved:
         logger.warning("quarantined %s", path)
-    params = load_params(root / "params.yaml")
     cap = int((params.get("retrain") or {}).get("max_per_category", 0))
     accepted, deferred = inbox_store.capped(verdict["accepted"], cap)
     if deferred:
@@ -314,12 +314,16 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
         copies = add_to_dataset(str(root), accepted)
         print(f"copied {len(copies)} images to {ADDED}")
         data_commit = version_data(str(root), len(copies))
+        held = {HOLD_VARIABLE: approval.hold_reason(None, hours)} if approval_mode == "required" else {}
         metrics = pipeline(
             str(root),
             stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
             force=["prepare"],
+            env=held,
         )
         record = read_json(root / params["outputs"]["export"])
+        if held and record["eligible"]:
+            record = _decide_by_person(root, params, record, before, metrics, len(copies), hours)
         _git(root, "add", "-A", "--", "dvc.lock", *git_kept_outputs(root))
         _git(
             root,
@@ -348,7 +352,7 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
         f"{record['tag']} is **{record['role']}**\n\n"
         + "; ".join(record["reasons"])
         + "\n\n"
-        + _comparison(before["metrics"] if before else None, metrics)
+        + approval.comparison(before["metrics"] if before else None, metrics)
         + "\n\n"
         + false_reject_table(rejects),
     )
@@ -364,6 +368,34 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
         "champion_before": before["tag"] if before else None,
         "champion_after": (_champion(root) or {}).get("tag"),
     }
+
+
+def _decide_by_person(
+    root: Path, params: dict, record: dict, before: dict | None, metrics: dict, images: int, hours: float
+) -> dict:
+    """Pause for a reviewer's answer, then re-run the export stage with it; returns its decision record."""
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    request = approval.request(record, before, metrics, images)
+    create_markdown_artifact(key="vqflow-approval", markdown=request, description=f"promote {record['tag']}?")
+    print(f"waiting for a person's answer about {record['tag']} (at most {hours:g} h; python -m flows.approval)")
+    try:
+        answer = pause_flow_run(
+            wait_for_input=approval.Approval.with_initial_data(description=request),
+            timeout=round(hours * 3600),
+            poll_interval=min(10, max(1, round(hours * 360))),
+        )
+    except FlowPauseTimeout as exc:
+        raise ApprovalTimeout(
+            f"nobody answered within {hours:g} h (retrain.approval_timeout_hours) whether to promote {record['tag']}: "
+            "nothing changed; the images stay in the inbox for the next run"
+        ) from exc
+    env = {HOLD_VARIABLE: approval.hold_reason(answer, hours)} if not answer.promote else {}
+    env[NOTE_VARIABLE] = approval.promotion_note(answer) if answer.promote else ""
+    print(f"answer: {'promote' if answer.promote else 'keep'} ({answer.reviewer or 'no name'}: {answer.note or '-'})")
+    run_stage("export", str(root), False, env)
+    return read_json(root / params["outputs"]["export"])
 
 
 def false_rejects(root: Path, params: dict, before: dict | None, after: dict, feedback_copies: list[Path]) -> dict:

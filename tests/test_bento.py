@@ -101,7 +101,7 @@ def built(trained_project, tmp_path_factory, s3):
 
 
 def test_a_second_build_into_a_home_inside_the_project_packs_only_what_bentofile_names(built):
-    _, _, env, _ = built
+    project, _, env, _ = built
     bentos = Path(env["BENTOML_HOME"]) / "bentos/vqflow-anomaly-service"
     versions = sorted((p for p in bentos.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     assert len(versions) == 2
@@ -113,7 +113,9 @@ def test_a_second_build_into_a_home_inside_the_project_packs_only_what_bentofile
         or p in ("params.yaml", "registry/champions.json", "bentofile.yaml")
         for p in packed
     ), packed
-    assert not [p for p in source.rglob("*") if p.is_dir() and p.name in (".home", "data", "models", ".dvc", ".venv")]
+    assert not [p for p in source.iterdir() if p.is_dir() and p.name in (".home", "data", "models", ".dvc", ".venv")]
+    project_code = sorted(str(p.relative_to(project)) for p in (project / "vqflow").rglob("*.py"))
+    assert [p for p in packed if p.startswith("vqflow/")] == project_code, "the bento lacks code it imports"
 
 
 def test_bento_lists_the_champion_and_only_serving_requirements(built):

@@ -10,7 +10,8 @@
   set is never compared with it, and the first model of a new data set starts that data set's champion line
   (``vqflow promote TAG --new-line`` starts one on purpose). The service serves the record's latest entry. The export stage promotes only from a committed run on
   ``export.promote_branch`` outside a DVC experiment; anything else stays a challenger until ``vqflow promote
-  TAG`` is asked for explicitly (same rule). ``git log -p registry/champions.json`` is the history.
+  TAG`` is asked for explicitly (same rule). The retrain flow can hold a promotion for a person's decision
+  (``retrain.approval: required``, ``HOLD_VARIABLE``). ``git log -p registry/champions.json`` is the history.
 - **Publishing** copies a promoted model to ``export.publish`` (e.g. ``s3://bucket/models/``), from where a
   serving machine imports it (``bentoml models import``).
 """
@@ -32,6 +33,10 @@ DEFAULT_RECORD = "registry/champions.json"
 # The retrain flow works on ``<prefix><branch>`` and fast-forwards ``<branch>`` to it only when the whole run
 # succeeded: a run there promotes as if on ``<branch>`` (a failed run's promotion is reset with its branch).
 TRANSACTION_PREFIX = "vqflow-retrain/"
+# Set by the retrain flow for the export stage when a person decides (retrain.approval: required): HOLD's text is why
+# the model must not be promoted now; NOTE is prefixed to a promotion's reason (who approved it).
+HOLD_VARIABLE = "VQFLOW_PROMOTION_HOLD"
+NOTE_VARIABLE = "VQFLOW_PROMOTION_NOTE"
 COMPARED = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "mad")
 
 
@@ -113,7 +118,9 @@ def _git(*args: str) -> str | None:
 
 def promotion_blocker(branch: str, watched: tuple[str, ...] = ("params.yaml", "dvc.yaml", "vqflow")) -> str | None:
     """Why the export stage must not promote now (None: it may): an experiment, another branch, uncommitted
-    code or params."""
+    code or params, or the retrain flow holding it for a person's decision."""
+    if os.environ.get(HOLD_VARIABLE):
+        return os.environ[HOLD_VARIABLE]
     if os.environ.get("DVC_EXP_NAME"):
         return f"this is DVC experiment {os.environ['DVC_EXP_NAME']!r}: experiments never promote"
     current = _git("rev-parse", "--abbrev-ref", "HEAD")
@@ -221,7 +228,7 @@ def _decide(
 ) -> dict:
     """The one promotion rule: ``tag`` becomes the champion unless it already is, it is worse than the champion of
     its data set, or ``blocker`` says why not now; ``new_line``: a champion line starts with it, uncompared.
-    Returns the decision record (promoting when decided)."""
+    Returns the decision record (promoting when decided); its ``eligible`` is the rule's verdict before any blocker."""
     record = read_record(rule.record)
     current = record[-1] if record else None
     if current and current["tag"] == tag and not new_line:
@@ -229,6 +236,7 @@ def _decide(
             "tag": tag,
             "role": "champion",
             "promote": False,
+            "eligible": False,
             "champion_tag": tag,
             "reasons": ["already the champion (same content tag)"],
         }
@@ -243,18 +251,24 @@ def _decide(
             "and is not compared with it"
         ]
     decision.champion_tag = (rival or current or {}).get("tag")
+    eligible = decision.promote
     if blocker:
         decision = Decision(False, [*decision.reasons, f"not promoted: {blocker}"], decision.champion_tag)
     if decision.promote:
         promote(tag, metrics, rule.record, note + "; ".join(decision.reasons), rule.publish)
-    return {"tag": tag, "role": "champion" if decision.promote else "challenger", **asdict(decision)}
+    return {
+        "tag": tag,
+        "role": "champion" if decision.promote else "challenger",
+        "eligible": eligible,
+        **asdict(decision),
+    }
 
 
 def export(model_dir: str | Path, metrics: dict, params: dict) -> dict:
     """The export stage: store the model, promote it if allowed and not worse. Returns the decision record."""
     rule = PromotionRule.from_params(params)
     tag = import_bundle(ModelBundle(model_dir), metrics)
-    return _decide(tag, metrics, rule, promotion_blocker(rule.promote_branch))
+    return _decide(tag, metrics, rule, promotion_blocker(rule.promote_branch), os.environ.get(NOTE_VARIABLE, ""))
 
 
 def promote_explicitly(tag: str, params: dict, new_line: bool = False) -> dict:
