@@ -15,7 +15,7 @@ export PREFECT_HOME ?= $(CURDIR)/.home/prefect
 export BENTOML_HOME ?= $(CURDIR)/.home/bentoml
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install lock bench peer-env clean review
+.PHONY: run test test-fast install lock bench peer-env clean review
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: vqflow needs Python 3.11"; exit 1; }
@@ -32,6 +32,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	pytest -q -n 2 --dist loadfile --durations=25
+
+# the edit-test loop: everything but the end-to-end tests marked slow (servers, repositories, retraining)
+test-fast: $(STAMP)
+	pytest -q -n 2 --dist loadfile --durations=10 -m "not slow"
 
 # The bench-only peer (anomalib) lives in its own environment, never in .venv.
 PEER := .venv-peer

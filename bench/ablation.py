@@ -56,6 +56,8 @@ def variant_params(base: dict, work: Path, name: str) -> dict:
     out = work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", name.replace("+", "plus ")).strip("_")
     params["outputs"] = {
         **params["outputs"],
+        "weights": str(out / "weights"),
+        "thresholds": str(out / "thresholds.json"),
         "model": str(out / "model"),
         "checkpoints": str(work / "checkpoints"),
         "timing": str(out / "timing.json"),
@@ -88,9 +90,9 @@ def prepared_ablation_base(suite: str, shared: str) -> tuple[dict, Path]:
 
     base, work = ablation_base(suite, shared)
     if suite == "default":
-        stages.generate(base)
-    stages.prepare(base)
-    stages.features(base)
+        stages.run("generate", base)
+    stages.run("prepare", base)
+    stages.run("features", base)
     return base, work
 
 
@@ -109,8 +111,8 @@ def main() -> None:
         params = run_params[name] = variant_params(base, work, name)
         print(f"== {name}", flush=True)
         started = time.perf_counter()
-        stages.train(params)
-        metrics = stages.evaluate(params)
+        stages.run_all(params, stages.MODEL)
+        metrics = stages.run("evaluate", params)
         results[name] = {
             "model": params["model"]["name"],
             "overrides": VARIANTS[name][1],

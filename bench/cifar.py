@@ -56,6 +56,8 @@ def split_params(base: dict, work: Path, shared: Path, normal: list[int], args) 
     params["train"].update(epochs=args.epochs, lr_decay_epochs=[max(1, round(0.8 * args.epochs))])
     params["outputs"] = {
         **params["outputs"],
+        "weights": str(work / "weights"),
+        "thresholds": str(work / "thresholds.json"),
         "model": str(work / "model"),
         "checkpoints": str(work / "checkpoints"),
         "train_log": str(work / "train_log.json"),
@@ -93,13 +95,14 @@ def run_split(base: dict, work: Path, shared: Path, normal: list[int], models: l
     from sklearn.metrics import roc_auc_score
 
     from vqflow import stages
-    from vqflow.bundle import load_model
+    from vqflow.stages.common import manifest_and_cache
+    from vqflow.weights import load_model
     from vqflow.scoring import score_cached
 
     params = split_params(base, work, shared, normal, args)
-    stages.prepare(params)
-    stages.features(params)
-    manifest, cache = stages._manifest_and_cache(params)
+    stages.run("prepare", params)
+    stages.run("features", params)
+    manifest, cache = manifest_and_cache(params)
     test = manifest[manifest.split == "test"]
     knn = knn_reference(cache, manifest[manifest.split == "train"].image_id.tolist(), test.image_id.tolist())
     results = {"knn": {"image_auroc": float(roc_auc_score(test.label, knn)), "train_seconds": 0.0}}
@@ -107,7 +110,7 @@ def run_split(base: dict, work: Path, shared: Path, normal: list[int], models: l
     for name in models:
         params["model"]["name"] = name
         started = time.perf_counter()
-        stages.train(params)
+        stages.run_all(params, stages.MODEL)
         seconds = time.perf_counter() - started
         model, _ = load_model(params["outputs"]["model"])
         scored = score_cached(model, cache, test.image_id.tolist(), torch.device("cpu"), progress=False)

@@ -65,8 +65,8 @@ def main() -> None:
     for width in widths:
         params = run_params[width] = width_params(base, work, width)
         print(f"== embed_dim {width}", flush=True)
-        stages.train(params)
-        metrics = stages.evaluate(params)
+        stages.run_all(params, stages.MODEL)
+        metrics = stages.run("evaluate", params)
         rules, maps, _, _ = score_table(args.suite, params, Path(params["outputs"]["model"]), f"embed_dim {width}")
         results[width] = {
             "validation_image_auroc": rules[chosen_rule(params)]["validation"]["mean"],

@@ -42,7 +42,7 @@ def measure(params: dict, repeats: int, models: list[str], scores_out: Path | No
     import torch
 
     from vqflow.features import BackboneSpec, load_batch
-    from vqflow.bundle import load_model
+    from vqflow.weights import load_model
 
     manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
     test = manifest[manifest.split == "test"]

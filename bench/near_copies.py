@@ -22,7 +22,7 @@ from PIL import Image, ImageEnhance
 
 from bench.common import publish
 from vqflow.config import load_params
-from vqflow.data import read_sources
+from vqflow.data.sources import read_sources
 from vqflow.data.images import load_image
 from vqflow.data.manifest import STATS_SIZE, build_manifest, perceptual_hashes
 from vqflow.data.synthetic import generate

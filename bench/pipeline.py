@@ -52,11 +52,11 @@ def bench_train(params: dict, name: str, epochs: int) -> dict:
     """Per-epoch time of the real training loop on the cached training features (after one warm-up epoch)."""
     import torch
 
-    from vqflow import stages
+    from vqflow.stages.common import manifest_and_cache
     from vqflow.models import config_from_params, create_model
     from vqflow.train import TrainConfig, train_model
 
-    manifest, cache = stages._manifest_and_cache(params)
+    manifest, cache = manifest_and_cache(params)
     features = cache.get(manifest.loc[manifest.split == "train", "image_id"].tolist())
     _, config = config_from_params(
         {**params["model"], "name": name},
@@ -80,13 +80,13 @@ def bench_metrics(params: dict, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from vqflow import stages
+    from vqflow.stages.common import manifest_and_cache
     from vqflow.data.images import load_mask, resize_mask
     from vqflow.metrics import evaluate_categories
-    from vqflow.bundle import load_model
+    from vqflow.weights import load_model
     from vqflow.scoring import score_cached
 
-    manifest, cache = stages._manifest_and_cache(params)
+    manifest, cache = manifest_and_cache(params)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     model, _ = load_model(params["outputs"]["model"])
     scored = score_cached(model, cache, test.image_id.tolist(), torch.device("cpu"), progress=False)

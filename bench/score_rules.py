@@ -264,10 +264,11 @@ def per_category_auroc(scores: torch.Tensor, categories: np.ndarray, labels: np.
 def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple[dict, dict, str, str]:
     """(image score results per rule, pixel results per map, markdown tables, source) of the model in
     ``model_dir``: validation with synthetic defects, and (image scores) the test split."""
-    from vqflow import stages
+    from vqflow.stages.common import manifest_and_cache
+    from vqflow.stages.evaluate import ground_truth_masks
     from vqflow.bundle import ModelBundle
 
-    manifest, cache = stages._manifest_and_cache(params)
+    manifest, cache = manifest_and_cache(params)
     bundle = ModelBundle(model_dir)
     model, backbone = bundle.load_model("cpu").eval(), bundle.load_backbone("cpu").eval()
     size = model.config.image_size
@@ -286,7 +287,7 @@ def score_table(suite: str, params: dict, model_dir: Path, source: str) -> tuple
     test_outputs = log_p_maps(model, cached(cache, test.image_id.tolist()))  # (maps, log-likelihood, pooled)
     test_base = base_maps(test_outputs[0], train_maps, size)
     scored = rule_scores(*test_outputs, train_maps, train_pooled, size, test_base)
-    test_masks = stages.ground_truth_masks(test, size)
+    test_masks = ground_truth_masks(test, size)
     for name, result in pixel_results(pixel_rule_maps(test_base), test.category.to_numpy(), test_masks).items():
         pixel[name]["test"] = result  # reported after the choice, like the image scores' test columns
     names = sorted(set(test.category))
@@ -431,7 +432,7 @@ def ablation_run(suite: str, variant: str) -> tuple[dict, Path]:
     model_dir = Path(params["outputs"]["model"])
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir}: not trained yet (python bench/ablation.py --suite {suite} --variants ...)")
-    stages.features(params)  # the cache in the current layout (extracts only what is missing)
+    stages.run("features", params)  # the cache in the current layout (extracts only what is missing)
     return params, model_dir
 
 

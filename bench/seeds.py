@@ -77,8 +77,8 @@ def main() -> None:
             params["train"]["seed"] = seed
             print(f"== {name}, seed {seed}", flush=True)
             started = time.perf_counter()
-            stages.train(params)
-            metrics = stages.evaluate(params)
+            stages.run_all(params, stages.MODEL)
+            metrics = stages.run("evaluate", params)
             runs.setdefault(name, {})[seed] = {
                 **metrics["mean"],
                 "train_seconds": timing.read(params)["train"]["training_seconds"],

@@ -20,7 +20,7 @@ from vqflow.config import ParamsError, load_params
 from vqflow.io import read_json
 from vqflow.metrics import REPORTED
 
-STAGES = ("generate", "prepare", "validate", "features", "train", "evaluate", "export")
+STAGES = stages.ORDER
 
 
 class StageInputError(ValueError):
@@ -119,8 +119,8 @@ def pipeline(
     force: list[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> dict:
-    """generate -> prepare -> validate -> features -> train -> evaluate -> export in a git + DVC repo; ``env``:
-    variables added to every stage's environment."""
+    """generate -> prepare -> validate -> features -> train -> calibrate -> package -> evaluate -> export in a
+    git + DVC repo; ``env``: variables added to every stage's environment."""
     root = Path(repo).resolve()
     params = load_params(root / "params.yaml")
     selected = [s for s in STAGES if s in (stages_to_run or STAGES)]

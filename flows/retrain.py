@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import approval
-from flows.pipeline import TransientStageError, pipeline, run_stage
+from flows.pipeline import STAGES, TransientStageError, pipeline, run_stage
 from vqflow.config import load_params
 from vqflow.data.manifest import read_manifest
 from vqflow.io import read_json
@@ -317,7 +317,7 @@ def retrain(repo: str = ".", inbox: str = "data/inbox", quarantine_dir: str | No
         held = {HOLD_VARIABLE: approval.hold_reason(None, hours)} if approval_mode == "required" else {}
         metrics = pipeline(
             str(root),
-            stages_to_run=["prepare", "validate", "features", "train", "evaluate", "export"],
+            stages_to_run=[s for s in STAGES if s != "generate"],
             force=["prepare"],
             env=held,
         )

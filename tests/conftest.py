@@ -95,7 +95,6 @@ def trained_project(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("project")
     params = tiny_params(root)
-    params["train"]["onnx"] = True  # the served bundle carries model.onnx (serve.runtime: onnx)
-    for stage in (stages.generate, stages.prepare, stages.validate, stages.features, stages.train, stages.evaluate):
-        stage(params)
+    params["package"] = {"onnx": True}  # the served bundle carries model.onnx (serve.runtime: onnx)
+    stages.run_all(params, ("generate", "prepare", "validate", "features", "train", "calibrate", "package", "evaluate"))
     return root, params

@@ -9,7 +9,7 @@ from scipy import ndimage
 from torch.distributions import Normal
 
 from tests.test_vqflow_model import TINY, _randomize, tiny_features
-from vqflow.bundle import load_model, save_model
+from vqflow.weights import load_model, save_model
 from vqflow.models import available_models, create_model, make_config
 from vqflow.models.cflow import conditional_decoder, per_dim_log_likelihood
 from vqflow.models.layers import positional_encoding_2d

@@ -17,6 +17,8 @@ import yaml
 from tests.conftest import ROOT
 from vqflow.testing import bentoml_server, moto_s3, s3_client, s3_env
 
+pytestmark = pytest.mark.slow  # bentoml build / export / serve processes
+
 BIN = Path(sys.executable).parent
 PIPELINE_TOOLS = ("dvc", "prefect", "great-expectations", "great_expectations", "moto", "pytest")
 

@@ -30,7 +30,7 @@ def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     params = tiny_params(Path("."))  # paths relative to the project folder, as in params.yaml
     params["generate"].update(categories=["wood"], train_per_category=4, test_good_per_category=1)
     params["train"].update(batch_size=2, init_images=4)
-    for stage in ("generate", "prepare", "features", "train", "evaluate", "summary"):
+    for stage in ("generate", "prepare", "features", "train", "calibrate", "package", "evaluate", "summary"):
         result = _vqflow(tmp_path, params, stage)
         assert result.returncode == 0, result.stderr
     assert "wood" in result.stdout and "Feature cache: 9 images" in result.stdout
@@ -77,7 +77,7 @@ def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     ]
     first = _digests(tmp_path, outputs)
     shutil.rmtree(tmp_path / "data/checkpoints")
-    for stage in ("train", "evaluate"):
+    for stage in ("train", "calibrate", "package", "evaluate"):
         assert _vqflow(tmp_path, params, stage).returncode == 0
     assert json.loads((tmp_path / "metrics/timing.json").read_text())["train"] != timing["train"], "trained again"
     assert _digests(tmp_path, outputs) == first
@@ -222,10 +222,10 @@ def test_bfloat16_training_is_not_pinned_and_refused_where_it_would_crawl(traine
 
     _, params = trained_project
     params = copy.deepcopy(params)
-    params["train"].update(onnx=False, per_model={"vqflow": {"precision": "bfloat16"}})
-    model = tmp_path / "model"
+    params["train"].update(per_model={"vqflow": {"precision": "bfloat16"}})
+    model = tmp_path / "weights"
     params["outputs"].update(
-        model=str(model), checkpoints=str(tmp_path / "checkpoints"), train_log=str(tmp_path / "train_log.json")
+        weights=str(model), checkpoints=str(tmp_path / "checkpoints"), train_log=str(tmp_path / "train_log.json")
     )
     unpinned = {k: v for k, v in os.environ.items() if k not in REPRODUCIBLE_KERNELS}
     trained = _vqflow(tmp_path, params, "train", env=unpinned)
@@ -241,14 +241,13 @@ def test_bfloat16_training_is_not_pinned_and_refused_where_it_would_crawl(traine
 
 
 def test_the_train_stage_never_resumes_a_checkpoint_of_other_code(trained_project, tmp_path):
-    """The train stage keys its checkpoint by the library's source: the same command run by edited code (a copy of
+    """The train stage keys its checkpoint by its own code: the same command run by edited training code (a copy of
     the library on PYTHONPATH) trains anew beside the old checkpoint instead of returning the old code's model."""
     _, params = trained_project
     params = copy.deepcopy(params)
-    params["train"]["onnx"] = False
     checkpoints = tmp_path / "checkpoints"
     params["outputs"].update(
-        model=str(tmp_path / "model"), checkpoints=str(checkpoints), train_log=str(tmp_path / "train_log.json")
+        weights=str(tmp_path / "weights"), checkpoints=str(checkpoints), train_log=str(tmp_path / "train_log.json")
     )
     library = tmp_path / "library"
     shutil.copytree(ROOT / "vqflow", library / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))

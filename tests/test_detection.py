@@ -31,9 +31,8 @@ def detection_project(tmp_path_factory):
         "flow_blocks": [1, 2, 2],
     }
     params["train"].update(epochs=10, batch_size=8, lr=1e-3, warmup_epochs=1, init_images=16)
-    for stage in (stages.generate, stages.prepare, stages.features, stages.train):
-        stage(params)
-    return params, stages.evaluate(params)
+    stages.run_all(params, ("generate", "prepare", "features", "train", "calibrate", "package"))
+    return params, stages.run("evaluate", params)
 
 
 def test_trained_vqflow_ranks_defective_images_above_normal_ones(detection_project):
@@ -55,11 +54,11 @@ def test_a_uniform_likelihood_drop_raises_the_image_score():
 
 
 def test_the_trained_model_scores_globally_less_likely_features_higher(detection_project):
-    from vqflow import stages
-    from vqflow.bundle import load_model
+    from vqflow.stages.common import manifest_and_cache
+    from vqflow.weights import load_model
 
     params, _ = detection_project
-    manifest, cache = stages._manifest_and_cache(params)
+    manifest, cache = manifest_and_cache(params)
     model, _ = load_model(params["outputs"]["model"])
     ids = manifest[(manifest.split == "test") & (manifest.label == 0)].image_id.tolist()
     features = cache.get(ids)

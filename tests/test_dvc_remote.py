@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from tests.conftest import ROOT
 from vqflow.testing import moto_s3, s3_client, s3_env
+
+pytestmark = pytest.mark.slow  # dvc push / pull through moto S3
 
 DVC = str(Path(sys.executable).parent / "dvc")
 

@@ -12,6 +12,10 @@ import yaml
 from flows.faults import new_normals, scratch_repo
 from tests.conftest import prefect_server
 
+pytestmark = (
+    pytest.mark.slow
+)  # Prefect flow runs on a git + DVC repository, retraining (kill -9 at 7 points, approvals)
+
 
 def _git(repo, *args):
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)

@@ -17,6 +17,8 @@ from tests.conftest import tiny_params
 from vqflow import stages
 from vqflow.testing import free_port, moto_s3, s3_client, s3_env
 
+pytestmark = pytest.mark.slow  # Dask scheduler and worker processes, moto S3
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,11 +33,11 @@ def single_process_cache(tmp_path):
 
     params = tiny_params(tmp_path)
     params["features"].update(images_per_task=6, batch_size=6)  # tasks made of whole batches: the same kernels
-    stages.generate(params)
-    stages.prepare(params)
+    stages.run("generate", params)
+    stages.run("prepare", params)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     torch.set_num_threads(1)  # the same threads as each Dask worker
-    single, _ = stages.features(params)
+    single, _ = stages.run("features", params)
     cache = tmp_path / "data/features"
     reference = {name: load_file(str(path)) for name, path in _entries(cache).items()}
     (cache / "index.json").unlink()

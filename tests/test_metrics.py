@@ -193,21 +193,22 @@ def test_the_evaluate_stage_streams_to_the_same_metrics_as_all_maps_in_memory(tr
     of the test split at once, exact and binned."""
     import torch
 
-    from vqflow import stages
+    from vqflow.stages.common import manifest_and_cache
+    from vqflow.stages.evaluate import ground_truth_masks, measure_test_split
     from vqflow.bundle import ModelBundle
     from vqflow.scoring import score_cached
 
     _, params = trained_project
     cpu = torch.device("cpu")
-    manifest, cache = stages._manifest_and_cache(params)
+    manifest, cache = manifest_and_cache(params)
     model = ModelBundle(params["outputs"]["model"]).load_model(cpu)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     scored = score_cached(model, cache, test.image_id.tolist(), cpu, progress=False)
-    masks = stages.ground_truth_masks(test, scored.maps.shape[-1])
+    masks = ground_truth_masks(test, scored.maps.shape[-1])
     arrays = (test.category.to_numpy(), test.label.to_numpy(), scored.scores, scored.maps, masks, 0.3)
     for limit in (None, 5 * scored.maps[0].size):  # 5 maps: crossed inside each category's second batch
         reference = evaluate_categories(*arrays, limit)
-        metrics, scores, extras = stages.measure_test_split(model, cache, test, cpu, 3, 0.3, limit)
+        metrics, scores, extras = measure_test_split(model, cache, test, cpu, 3, 0.3, limit)
         np.testing.assert_allclose(scores, scored.scores, rtol=1e-5)
         assert metrics.get("pixel_metrics_binned") == reference.get("pixel_metrics_binned")
         for category, values in reference["per_category"].items():

@@ -4,6 +4,8 @@ import pytest
 
 from vqflow.model_store import compare
 
+pytestmark = pytest.mark.slow  # git + DVC repositories reproduced end to end
+
 METRICS = {
     "mean": {"image_auroc": 0.95, "pixel_auroc": 0.99, "mad": 0.80},
     "per_category": {"a": {"mad": 0.85}, "b": {"mad": 0.75}},

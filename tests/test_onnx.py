@@ -45,9 +45,15 @@ def test_every_model_exports_and_onnx_runtime_equals_torch_on_the_test_images(ca
         params["model"] = {**project["model"], "name": name, "vqflow": {**project["model"]["vqflow"], **overrides}}
     else:
         params["model"] = {"name": name, name: overrides}
-    params["train"] = {**params["train"], "epochs": 1, "onnx": True}
-    params["outputs"] = {**params["outputs"], "model": str(tmp_path / "model"), "checkpoints": str(tmp_path / "ck")}
-    stages.train(params)
+    params["train"] = {**params["train"], "epochs": 1}
+    params["package"] = {"onnx": True}
+    params["outputs"] = {
+        **params["outputs"],
+        **{name: str(tmp_path / name) for name in ("weights", "model")},
+        "thresholds": str(tmp_path / "thresholds.json"),
+        "checkpoints": str(tmp_path / "ck"),
+    }
+    stages.run_all(params, stages.MODEL)
     assert ModelBundle(tmp_path / "model").onnx_path.is_file()
 
     images = _test_images(params)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 import yaml
 
@@ -16,6 +17,8 @@ from flows.faults import scratch_repo
 from tests.conftest import ROOT
 from vqflow.data.synthetic import generate
 from vqflow.testing import bentoml_server
+
+pytestmark = pytest.mark.slow  # a fresh repository reproduced with dvc and served by bentoml
 
 BIN = Path(sys.executable).parent
 

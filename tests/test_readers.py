@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SHARED_DATA, needs_shared
-from vqflow.data import read_sources
+from vqflow.data.sources import read_sources
 from vqflow.data.cifar import read_cifar_semantic
 from vqflow.data.magnetic_tile import read_magnetic_tile
 from vqflow.data.manifest import assign_validation, build_manifest

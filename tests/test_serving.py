@@ -14,6 +14,8 @@ from PIL import Image
 
 from vqflow.testing import bentoml_server, export_for_serving
 
+pytestmark = pytest.mark.slow  # a bentoml serve process per runtime
+
 
 FEEDBACK_TOKEN = "s3cret-token"
 

@@ -19,6 +19,8 @@ from PIL import Image
 
 from vqflow.testing import bentoml_server, export_for_serving, free_port
 
+pytestmark = pytest.mark.slow  # bentoml serve processes under large uploads
+
 BIN = Path(sys.executable).parent
 
 

@@ -15,6 +15,8 @@ import yaml
 from tests.conftest import tiny_params
 from vqflow.testing import bentoml_server
 
+pytestmark = pytest.mark.slow  # every model trained by the pipeline and served by bentoml
+
 TINY_SECTIONS = {
     "cflow": {"coupling_blocks": 2, "pe_channels": 16, "chunk_size": 64},
     "vitad": {"decoder_dim": 32, "decoder_heads": 2, "blocks_per_stage": 1, "smoothing_sigma": 2.0, "pool_size": 8},
@@ -27,9 +29,8 @@ def test_model_is_trained_by_the_pipeline_and_served(name, tmp_path):
 
     params = tiny_params(tmp_path)
     params["model"] = {"name": name, name: TINY_SECTIONS[name]}
-    params["train"]["onnx"] = True
-    for stage in (stages.generate, stages.prepare, stages.validate, stages.features, stages.train, stages.evaluate):
-        stage(params)
+    params["package"] = {"onnx": True}
+    stages.run_all(params, ("generate", "prepare", "validate", "features", "train", "calibrate", "package", "evaluate"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     exported = subprocess.run(

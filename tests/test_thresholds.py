@@ -84,7 +84,7 @@ def test_decision_metrics():
 def test_the_train_stage_scores_only_validation_images(tiny_dataset, tmp_path):
     """Thresholds come from the pipeline's calibration, which may read val features only."""
     from tests.test_vqflow_model import _model
-    from vqflow import stages
+    from vqflow.stages.calibrate import thresholds_of
     from vqflow.data.manifest import build_manifest
     from vqflow.data.mvtec import read_mvtec
 
@@ -102,7 +102,7 @@ def test_the_train_stage_scores_only_validation_images(tiny_dataset, tmp_path):
 
     cache = RecordingCache()
     params = {"thresholds": {"target_frr": 0.01, "pixel_fpr": 0.01}}
-    result = stages.calibrate_thresholds(params, _model(), manifest, cache, torch.device("cpu"))
+    result = thresholds_of(params, _model(), manifest, cache, torch.device("cpu"))
     splits = set(manifest.set_index("image_id").loc[cache.requested, "split"])
     assert splits == {"val"}
     assert set(result["categories"]) == {"chip", "fabric", GLOBAL}

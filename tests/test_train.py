@@ -17,7 +17,6 @@ from vqflow.train import (
     cpu_has_bfloat16,
     learning_rate,
     seed_everything,
-    source_digest,
     train_model,
 )
 
@@ -110,14 +109,22 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, name, p
     assert progress["epoch"] == 3
 
 
-def test_a_checkpoint_is_resumed_only_by_the_code_that_wrote_it(tmp_path):
+def test_a_checkpoint_is_resumed_only_by_the_training_code_that_wrote_it(tmp_path):
+    """The fingerprint digests the train stage's code (vqflow.code): an edit there starts afresh, an edit of code
+    the stage does not run (thresholds, bundle) resumes."""
+    from vqflow.code import digest, stage_files
+
     library = Path(vqflow.__file__).parent
-    copy = tmp_path / "vqflow"
-    shutil.copytree(library, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    assert source_digest(copy) == source_digest(library) == source_digest()
-    flows = copy / "models" / "flows.py"
-    flows.write_text(flows.read_text().replace("clamp", "clamp ", 1))  # any edit of the library's source
-    assert source_digest(copy) != source_digest(library)
+    shutil.copytree(library, tmp_path / "vqflow", ignore=shutil.ignore_patterns("__pycache__"))
+    fingerprint = lambda: digest(stage_files("train", tmp_path), tmp_path)  # noqa: E731
+    before = fingerprint()
+    assert before == digest(stage_files("train"))
+    for untrained in ("thresholds.py", "bundle.py", "stages/evaluate.py"):
+        (tmp_path / "vqflow" / untrained).write_text((tmp_path / "vqflow" / untrained).read_text() + "# edit\n")
+    assert fingerprint() == before
+    flows = tmp_path / "vqflow" / "models" / "flows.py"
+    flows.write_text(flows.read_text().replace("clamp", "clamp ", 1))  # an edit of code the training runs
+    assert fingerprint() != before
 
 
 def test_checkpoint_of_another_configuration_is_ignored(tmp_path):

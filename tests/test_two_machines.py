@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
 from tests.conftest import ROOT, prefect_server
 from vqflow.testing import moto_s3, repo_params, s3_client, s3_env
+
+pytestmark = pytest.mark.slow  # a bare git remote, moto S3 and a Prefect process worker
 
 BIN = Path(sys.executable).parent
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from vqflow.bundle import load_model, save_model
+from vqflow.weights import load_model, save_model
 from vqflow.models import create_model, make_config
 from vqflow.models.cadm import gaussian_log_density, mixture_log_density, summed_log_density
 from vqflow.models.flows import FusionCoupling, parallel_flow

@@ -1,6 +1,6 @@
 """The model bundle: everything needed to score raw images, in one directory of safetensors and JSON files.
 
-Layout (written by the train stage, read by evaluate, ``vqflow predict``, export and the service)::
+Layout (written by the package stage, read by evaluate, ``vqflow predict``, export and the service)::
 
     config.json             model name + config, backbone spec, training record
     model.safetensors       the anomaly model's weights
@@ -10,12 +10,11 @@ Layout (written by the train stage, read by evaluate, ``vqflow predict``, export
 
 No file is ever unpickled. A bundle written before ``backbone.safetensors`` existed still loads: its backbone
 is then rebuilt from the spec's weight source, which must be available on the machine. This module is the one
-reader and writer of these files; ``save_model`` / ``load_model`` handle a model on its own (config + weights).
+reader and writer of these files; vqflow/weights.py writes and reads a model on its own (config + weights).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from functools import cached_property
@@ -29,52 +28,9 @@ from .backbones import FeaturePyramid
 from .features import BackboneSpec
 from .io import atomic_dir, read_json
 from .models import AnomalyModel
-from .models.registry import create_model, saved_config
+from .weights import CONFIG, WEIGHTS, cpu_tensors, load_model, write_model_files
 
-CONFIG, WEIGHTS, THRESHOLDS, BACKBONE = "config.json", "model.safetensors", "thresholds.json", "backbone.safetensors"
-ONNX = "model.onnx"
-
-
-def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-
-def save_model(
-    model: AnomalyModel,
-    name: str,
-    config,
-    path: str | Path,
-    extra: dict[str, Any] | None = None,
-    files: dict[str, Any] | None = None,
-    tensors: dict[str, dict] | None = None,
-    onnx_of: tuple[FeaturePyramid, int] | None = None,
-) -> None:
-    """Write ``model.safetensors`` + ``config.json`` (+ JSON ``files``, + safetensors ``tensors``, + the ONNX graph
-    of ``onnx_of`` = (backbone, image size)) into ``path`` atomically: the directory appears whole or not at all."""
-    with atomic_dir(path) as tmp:
-        if onnx_of is not None:
-            from .onnx_graph import export_onnx
-
-            export_onnx(onnx_of[0], model, tmp / ONNX, onnx_of[1])
-        for filename, content in (files or {}).items():
-            (tmp / filename).write_text(json.dumps(content, indent=2) + "\n")
-        for filename, state in (tensors or {}).items():
-            save_file(_cpu(state), str(tmp / filename))
-        save_file(_cpu(model.state_dict()), str(tmp / WEIGHTS))
-        meta = {"model": name, "config": dataclasses.asdict(config), **(extra or {})}
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[AnomalyModel, dict[str, Any]]:
-    """Rebuild a saved model from its config and load its weights strictly. Returns (model, config.json)."""
-    path = Path(path)
-    for needed in (CONFIG, WEIGHTS):
-        if not (path / needed).is_file():
-            raise FileNotFoundError(f"{path / needed}: not a saved vqflow model")
-    meta = read_json(path / CONFIG)
-    model = create_model(meta["model"], saved_config(meta["model"], meta["config"]))
-    model.load_state_dict(load_file(str(path / WEIGHTS), device=str(device)), strict=True)
-    return model.to(device).eval(), meta
+THRESHOLDS, BACKBONE, ONNX = "thresholds.json", "backbone.safetensors", "model.onnx"
 
 
 class ModelBundle:
@@ -151,14 +107,12 @@ class ModelBundle:
     ) -> "ModelBundle":
         """Write a complete bundle atomically: the directory appears whole or not at all. ``onnx``: with the whole
         inference graph as ``model.onnx``."""
-        save_model(
-            model,
-            name,
-            config,
-            path,
-            extra,
-            files={THRESHOLDS: thresholds},
-            tensors={BACKBONE: backbone.state_dict()},
-            onnx_of=(backbone, config.image_size) if onnx else None,
-        )
+        with atomic_dir(path) as tmp:
+            if onnx:
+                from .onnx_graph import export_onnx
+
+                export_onnx(backbone, model, tmp / ONNX, config.image_size)
+            (tmp / THRESHOLDS).write_text(json.dumps(thresholds, indent=2) + "\n")
+            save_file(cpu_tensors(backbone.state_dict()), str(tmp / BACKBONE))
+            write_model_files(model, name, config, tmp, extra)
         return ModelBundle(path)

@@ -32,13 +32,13 @@ def stage(name: str):
 @stage("generate")
 def generate_stage(params: dict, args: argparse.Namespace) -> None:
     """Write the embedded synthetic dataset (MVTec AD layout)."""
-    print(f"wrote synthetic dataset to {stages.generate(params)}")
+    print(f"wrote synthetic dataset to {stages.run('generate', params)}")
 
 
 @stage("prepare")
 def prepare_stage(params: dict, args: argparse.Namespace) -> None:
     """Read the configured sources and write the manifest (with the seeded validation split)."""
-    frame = stages.prepare(params)
+    frame = stages.run("prepare", params)
     counts = frame.groupby(["category", "split"]).size().unstack(fill_value=0)
     print(f"wrote {params['prepare']['manifest']}: {len(frame)} images\n{counts.to_string()}")
 
@@ -48,20 +48,33 @@ def validate_stage(params: dict, args: argparse.Namespace) -> None:
     """Run the Great Expectations gate on the manifest; exit non-zero when the data is wrong."""
     from .report import print_validation
 
-    print_validation(stages.validate(params))
+    print_validation(stages.run("validate", params))
 
 
 @stage("features")
 def features_stage(params: dict, args: argparse.Namespace) -> None:
     """Extract and cache the backbone pyramid of every manifest image."""
-    index, extracted = stages.features(params)
+    index, extracted = stages.run("features", params)
     print(f"feature cache {params['features']['cache']}: {len(index['entries'])} images ({extracted} extracted now)")
 
 
 @stage("train")
 def train_stage(params: dict, args: argparse.Namespace) -> None:
     """Train the configured model (model.name) on the cached features of the train split."""
-    print(f"saved model to {stages.train(params)}")
+    print(f"saved the weights to {stages.run('train', params)}")
+
+
+@stage("calibrate")
+def calibrate_stage(params: dict, args: argparse.Namespace) -> None:
+    """Fit the per-category thresholds of the trained weights on the validation split (normal images)."""
+    thresholds = stages.run("calibrate", params)
+    print(f"calibrated the thresholds of {len(thresholds['categories'])} categories on the validation split")
+
+
+@stage("package")
+def package_stage(params: dict, args: argparse.Namespace) -> None:
+    """Write the self-contained model bundle (weights, thresholds, folded backbone, model.onnx)."""
+    print(f"wrote the model bundle {stages.run('package', params)}")
 
 
 @stage("evaluate")
@@ -69,20 +82,22 @@ def evaluate_stage(params: dict, args: argparse.Namespace) -> None:
     """Score the test split and write per-category metrics."""
     from .report import print_metrics
 
-    print_metrics(stages.evaluate(params))
+    print_metrics(stages.run("evaluate", params))
 
 
 @stage("export")
 def export_stage(params: dict, args: argparse.Namespace) -> None:
     """Import the model into the BentoML store (champion only if not worse than the current one)."""
-    record = stages.export(params)
+    record = stages.run("export", params)
     print(f"exported {record['tag']} as {record['role']}: " + "; ".join(record["reasons"]))
 
 
 @stage("promote")
 def promote_stage(params: dict, args: argparse.Namespace) -> None:
     """Make a stored model the champion on purpose, if it is not worse than the current one."""
-    record = stages.promote(params, args.tag, args.new_line)
+    from .stages.export import promote
+
+    record = promote(params, args.tag, args.new_line)
     print(f"{record['tag']} is the champion: " + "; ".join(record["reasons"]))
 
 

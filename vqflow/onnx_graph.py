@@ -157,7 +157,7 @@ class OnnxScorer:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(
-                f"{self.path}: no ONNX graph in this model bundle (train with train.onnx: true, or run "
+                f"{self.path}: no ONNX graph in this model bundle (package with package.onnx: true, or run "
                 f"`vqflow export-onnx {self.path.parent}`), or use serve.runtime: torch"
             )
         options = ort.SessionOptions()

@@ -65,6 +65,8 @@ def tiny_params(root: Path) -> dict:
         "outputs": {
             k: str(root / v)
             for k, v in {
+                "weights": "models/weights",
+                "thresholds": "models/thresholds.json",
                 "model": "models/model",
                 "checkpoints": "data/checkpoints",
                 "train_log": "metrics/train_log.json",

@@ -224,16 +224,6 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def source_digest(root: Path = Path(__file__).parent) -> str:
-    """Digest of the Python source under ``root`` (the library): part of a checkpoint's fingerprint, so that a
-    checkpoint is resumed only by the code that wrote it. Other code (an update, a fix) finding a finished run's
-    checkpoint would otherwise return the older model as its own, and DVC would record it as this code's output."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def train_model(
     model: AnomalyModel,
     features: FeatureSet | Sequence[torch.Tensor],
@@ -350,7 +340,6 @@ __all__ = [
     "train_model",
     "write_history",
     "fingerprint",
-    "source_digest",
     "learning_rate",
     "step_precision",
     "cpu_has_bfloat16",
