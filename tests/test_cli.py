@@ -26,6 +26,7 @@ def _vqflow(tmp_path: Path, params: dict, *args: str, env: dict | None = None) -
     )
 
 
+@pytest.mark.slow
 def test_stage_pipeline_on_a_tiny_dataset(tmp_path):
     params = tiny_params(Path("."))  # paths relative to the project folder, as in params.yaml
     params["generate"].update(categories=["wood"], train_per_category=4, test_good_per_category=1)
