@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.steps):
         step()
     ms_per_step = 1000 * (time.perf_counter() - started) / args.steps
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
         for _ in range(args.steps):
             step()
     events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -93,6 +93,20 @@ def main(argv: list[str] | None = None) -> None:
         }
         for e in events[: args.top]
     ]
+    convolutions = sorted(
+        (e for e in profiler.key_averages(group_by_input_shape=True) if e.key == "aten::mkldnn_convolution"),
+        key=lambda e: e.self_cpu_time_total,
+        reverse=True,
+    )
+    by_shape = [
+        {
+            "input": str(e.input_shapes[0]) if e.input_shapes else "?",
+            "weight": str(e.input_shapes[1]) if len(e.input_shapes) > 1 else "?",
+            "calls_per_step": e.count / args.steps,
+            "forward_ms_per_step": e.self_cpu_time_total / 1000 / args.steps,
+        }
+        for e in convolutions[: args.top]
+    ]
     lines = [
         f"VQ-Flow training step ({name}, batch {cfg.batch_size}, {cache.spec.image_size} px, float32, kernels pinned "
         f"to AVX2; CPU flags: {' '.join(cpu_flags()) or 'unknown'}): **{ms_per_step:.0f} ms per step** "
@@ -104,11 +118,27 @@ def main(argv: list[str] | None = None) -> None:
             f"| `{o['op']}` | {o['calls_per_step']:.0f} | {o['self_ms_per_step']:.1f} | {100 * o['share']:.1f} % |"
             for o in ops
         ),
+        "",
+        "The forward convolutions by shape (their backward costs about twice as much):",
+        "",
+        "| input (N, C, H, W) | weight (out, in, kh, kw) | calls / step | forward ms / step |",
+        "|---|---|---:|---:|",
+        *(
+            f"| {c['input']} | {c['weight']} | {c['calls_per_step']:.0f} | {c['forward_ms_per_step']:.1f} |"
+            for c in by_shape
+        ),
     ]
     table = "\n".join(lines)
     write_results(
         "step_profile",
-        {"model": name, "batch_size": cfg.batch_size, "ms_per_step": ms_per_step, "cpu_flags": cpu_flags(), "ops": ops},
+        {
+            "model": name,
+            "batch_size": cfg.batch_size,
+            "ms_per_step": ms_per_step,
+            "cpu_flags": cpu_flags(),
+            "ops": ops,
+            "convolutions": by_shape,
+        },
         table,
     )
     print(table)
