@@ -391,8 +391,11 @@ def _decide_by_person(
             f"nobody answered within {hours:g} h (retrain.approval_timeout_hours) whether to promote {record['tag']}: "
             "nothing changed; the images stay in the inbox for the next run"
         ) from exc
-    env = {HOLD_VARIABLE: approval.hold_reason(answer, hours)} if not answer.promote else {}
-    env[NOTE_VARIABLE] = approval.promotion_note(answer) if answer.promote else ""
+    env = (
+        {NOTE_VARIABLE: approval.promotion_note(answer)}
+        if answer.promote
+        else {HOLD_VARIABLE: approval.hold_reason(answer, hours)}
+    )
     print(f"answer: {'promote' if answer.promote else 'keep'} ({answer.reviewer or 'no name'}: {answer.note or '-'})")
     run_stage("export", str(root), False, env)
     return read_json(root / params["outputs"]["export"])

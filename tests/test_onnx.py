@@ -49,7 +49,7 @@ def test_every_model_exports_and_onnx_runtime_equals_torch_on_the_test_images(ca
     params["package"] = {"onnx": True}
     params["outputs"] = {
         **params["outputs"],
-        **{name: str(tmp_path / name) for name in ("weights", "model")},
+        **{output: str(tmp_path / output) for output in ("weights", "model")},
         "thresholds": str(tmp_path / "thresholds.json"),
         "checkpoints": str(tmp_path / "ck"),
     }

@@ -3,17 +3,14 @@ from its ONNX graph (serve.runtime: onnx; the torch runtime is the same code for
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
-import yaml
 
 from tests.conftest import tiny_params
-from vqflow.testing import bentoml_server
+from vqflow.testing import bentoml_server, export_for_serving
 
 pytestmark = pytest.mark.slow  # every model trained by the pipeline and served by bentoml
 
@@ -31,17 +28,8 @@ def test_model_is_trained_by_the_pipeline_and_served(name, tmp_path):
     params["model"] = {"name": name, name: TINY_SECTIONS[name]}
     params["package"] = {"onnx": True}
     stages.run_all(params, ("generate", "prepare", "validate", "features", "train", "calibrate", "package", "evaluate"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    exported = subprocess.run(
-        [sys.executable, "-m", "vqflow.cli", "--params", str(tmp_path / "params.yaml"), "export"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert exported.returncode == 0, exported.stderr
-    tag = json.loads(Path(params["outputs"]["export"]).read_text())["tag"]
+    tag, _ = export_for_serving(tmp_path, params, env)  # raises with export's stderr when it fails
 
     manifest = pd.read_csv(params["prepare"]["manifest"], dtype={"image_id": str}, keep_default_na=False)
     offline = pd.read_csv(params["outputs"]["scores"], dtype={"image_id": str}).set_index("image_id")
