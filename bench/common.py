@@ -24,6 +24,16 @@ def registered_models() -> list[str]:
     return sorted(available_models(), key=lambda name: (name != "vqflow", name))
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's vector-extension flags that decide kernel speed (AVX2, AVX-512, VNNI, AMX)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+
+
 def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {

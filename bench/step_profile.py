@@ -22,18 +22,26 @@ if platform.machine().lower() in ("x86_64", "amd64"):  # before torch is importe
 
 import torch  # noqa: E402
 
-from bench.common import write_results  # noqa: E402
-from vqflow.config import load_params, section  # noqa: E402
+from bench.common import cpu_flags, write_results  # noqa: E402
+from bench.training_step import training_step  # noqa: E402
+from vqflow.config import load_params  # noqa: E402
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's vector-extension flags that decide kernel speed (AVX2, AVX-512, VNNI, AMX)."""
+def peak_gflops() -> float:
+    """The AVX2 FMA peak of this process's threads at the clock /proc/cpuinfo reports (nan if unknown)."""
     try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+        mhz = next(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        return float("nan")
+    return 32 * mhz / 1000 * torch.get_num_threads()
+
+
+def conv_gflops(shapes: list) -> float:
+    """GFLOP of one stride-1, 'same'-padded convolution from its profiled (input, weight) shapes (0: unknown)."""
+    if len(shapes) < 2 or len(shapes[0]) != 4 or len(shapes[1]) != 4:
+        return 0.0
+    (n, _, h, w), (out, per_group, kh, kw) = shapes[0], shapes[1]
+    return 2 * n * h * w * out * per_group * kh * kw / 1e9
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,34 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
 
-    from vqflow.features import CachedFeatures
-    from vqflow.models import config_from_params, create_model
-    from vqflow.stages.common import channels, manifest_and_cache
-    from vqflow.train import TrainConfig, seed_everything
-
     params = load_params(args.params)
-    manifest, cache = manifest_and_cache(params)
-    name, config = config_from_params(
-        section(params, "model", ("name",)), in_channels=channels(cache), image_size=cache.spec.image_size
-    )
-    train = {k: v for k, v in section(params, "train").items() if k != "loader_workers"}
-    cfg = TrainConfig.from_params(train, name)
-    seed_everything(cfg.seed)
-    model = create_model(name, config)
-    ids = manifest.loc[manifest.split == "train", "image_id"].tolist()
-    features = CachedFeatures(cache, ids)
-    model.initialize(features.__getitems__(list(range(min(cfg.init_images, len(ids))))))
-    optimizer = cfg.make_optimizer([p for p in model.parameters() if p.requires_grad])
-    batch = features.__getitems__(list(range(cfg.batch_size)))
-    model.train()
-
-    def step() -> None:
-        for chunk in model.training_chunks(batch):
-            out = model.training_step(chunk)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
+    name = params["model"]["name"]
+    batch_size = params["train"]["batch_size"]
+    image_size = params["features"]["image_size"]
+    step = training_step(params, {})
 
     for _ in range(args.warmup):
         step()
@@ -104,11 +89,15 @@ def main(argv: list[str] | None = None) -> None:
             "weight": str(e.input_shapes[1]) if len(e.input_shapes) > 1 else "?",
             "calls_per_step": e.count / args.steps,
             "forward_ms_per_step": e.self_cpu_time_total / 1000 / args.steps,
+            "gflops": conv_gflops(e.input_shapes),
         }
         for e in convolutions[: args.top]
     ]
+    rates = [c["gflops"] * c["calls_per_step"] / c["forward_ms_per_step"] for c in by_shape if c["gflops"]]
+    flops_ms = sum(c["gflops"] * c["calls_per_step"] for c in by_shape if c["gflops"])
+    shape_ms = sum(c["forward_ms_per_step"] for c in by_shape if c["gflops"])
     lines = [
-        f"VQ-Flow training step ({name}, batch {cfg.batch_size}, {cache.spec.image_size} px, float32, kernels pinned "
+        f"VQ-Flow training step ({name}, batch {batch_size}, {image_size} px, float32, kernels pinned "
         f"to AVX2; CPU flags: {' '.join(cpu_flags()) or 'unknown'}): **{ms_per_step:.0f} ms per step** "
         f"(forward + backward + clip + Adam, mean of {args.steps} after {args.warmup} warm-up steps).",
         "",
@@ -119,12 +108,17 @@ def main(argv: list[str] | None = None) -> None:
             for o in ops
         ),
         "",
-        "The forward convolutions by shape (their backward costs about twice as much):",
+        "The forward convolutions by shape (their backward costs about twice as much), with the rate they reach "
+        "(multiply-adds counted as 2 floating-point operations, stride 1, 'same' padding: the flows' subnets). "
+        f"Together {1000 * flops_ms / shape_ms:.0f} GFLOP/s over these shapes ({min(rates):.0f}-{max(rates):.0f} "
+        f"per shape). A core with AVX2 does at most 2 FMA x 8 floats x 2 = 32 float operations per cycle: "
+        f"{peak_gflops():.0f} GFLOP/s for {torch.get_num_threads()} threads at the clock /proc/cpuinfo reports.",
         "",
-        "| input (N, C, H, W) | weight (out, in, kh, kw) | calls / step | forward ms / step |",
-        "|---|---|---:|---:|",
+        "| input (N, C, H, W) | weight (out, in, kh, kw) | calls / step | forward ms / step | GFLOP/s |",
+        "|---|---|---:|---:|---:|",
         *(
-            f"| {c['input']} | {c['weight']} | {c['calls_per_step']:.0f} | {c['forward_ms_per_step']:.1f} |"
+            f"| {c['input']} | {c['weight']} | {c['calls_per_step']:.0f} | {c['forward_ms_per_step']:.1f} | "
+            f"{1000 * c['gflops'] * c['calls_per_step'] / c['forward_ms_per_step']:.0f} |"
             for c in by_shape
         ),
     ]
@@ -133,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "step_profile",
         {
             "model": name,
-            "batch_size": cfg.batch_size,
+            "batch_size": batch_size,
             "ms_per_step": ms_per_step,
             "cpu_flags": cpu_flags(),
             "ops": ops,

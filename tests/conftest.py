@@ -98,3 +98,62 @@ def trained_project(tmp_path_factory):
     params["package"] = {"onnx": True}  # the served bundle carries model.onnx (serve.runtime: onnx)
     stages.run_all(params, ("generate", "prepare", "validate", "features", "train", "calibrate", "package", "evaluate"))
     return root, params
+
+
+# --- the Prefect flow tests (test_flows*.py): a scratch git + DVC repository each, on tiny params ---
+
+
+def flow_repo(tmp_path_factory) -> Path:
+    """A scratch git + DVC repository of the project (flows/faults.py), with this process's tool homes beside it."""
+    from flows.faults import scratch_repo
+
+    root = tmp_path_factory.mktemp("flowrepo")
+    home = tmp_path_factory.mktemp("homes")
+    os.environ.update(
+        {
+            "BENTOML_HOME": str(home / "bentoml"),
+            "PREFECT_HOME": str(home / "prefect"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+    )
+    return scratch_repo(root)
+
+
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory) -> Path:
+    """``flow_repo`` after a first pipeline run, committed: a champion the retrain runs compare with."""
+    from flows.pipeline import pipeline
+
+    repo = flow_repo(tmp_path_factory)
+    pipeline(str(repo))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "first run")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A Prefect server for the flow runs a module starts as processes of their own: each would otherwise start
+    (and lose to kill -9) an ephemeral server of its own, ~10 s a run; bench/fault_injection.py kills runs with
+    their ephemeral server."""
+    with prefect_server({**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-server"))}) as url:
+        yield url
+
+
+def _git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def _git_status(repo) -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _added(repo) -> list[str]:
+    folder = repo / "data/added/wood"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _manifest_rows(repo):
+    return len((repo / "data/manifest.csv").read_text().splitlines()) - 1

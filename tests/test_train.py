@@ -35,6 +35,17 @@ def test_learning_rate_schedule():
     assert learning_rate(cfg, 3, 0, 10) == 1.0 and learning_rate(cfg, 5, 0, 10) == pytest.approx(0.1)
 
 
+def test_cosine_schedule_warms_up_then_follows_a_half_cosine_to_the_floor():
+    cfg = TrainConfig(lr=1.0, epochs=12, warmup_epochs=2, lr_decay=0.1, schedule="cosine")
+    assert learning_rate(cfg, 1, 0, 10) == pytest.approx(0.55)  # the warm-up of the step schedule
+    rates = [learning_rate(cfg, epoch, step, 10) for epoch in range(2, 12) for step in range(10)]
+    assert rates[0] == pytest.approx(1.0) and all(a > b for a, b in zip(rates, rates[1:]))
+    assert rates[50] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: half-way between lr and the floor
+    assert learning_rate(cfg, 12, 0, 10) == pytest.approx(0.1)  # the end of the last epoch
+    with pytest.raises(ValueError, match="train.schedule"):
+        TrainConfig(schedule="linear")
+
+
 def test_training_lowers_the_loss_and_logs_usage():
     history = train_model(_fresh(), tiny_features(12), CFG, torch.device("cpu"), progress=False)
     assert len(history) == 4 and history[-1]["flow"] < history[0]["flow"]

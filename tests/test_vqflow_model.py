@@ -42,15 +42,36 @@ def _model(name="vqflow", **overrides):
     return _randomize(model).eval()
 
 
-@pytest.mark.parametrize("cond", [0, 3])
-def test_parallel_flow_is_invertible(cond):
+@pytest.mark.parametrize(
+    "cond, kernels, separable", [(0, (3,), False), (3, (3,), False), (3, (3, 1), False), (3, (3,), True)]
+)
+def test_parallel_flow_is_invertible(cond, kernels, separable):
     torch.manual_seed(0)
-    flow = _randomize(parallel_flow(6, 5, 5, 3, cond, 1.9))
+    flow = _randomize(parallel_flow(6, 5, 5, 3, cond, 1.9, kernels, separable))
     x, c = torch.randn(2, 6, 5, 5), ([torch.randn(2, 3, 5, 5)] if cond else None)
     z, logdet = flow(x, c=c)
     back, inv_logdet = flow(z, c=c, rev=True)
     assert (back - x).abs().max() < 1e-4
     torch.testing.assert_close(logdet, -inv_logdet, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kernels, separable, blocks, reach",
+    [((3,), False, 1, 2), ((1, 3), False, 1, 0), ((1,), False, 3, 0), ((3,), True, 1, 2)],
+)
+def test_subnet_kernels_set_how_far_a_pixel_reaches(kernels, separable, blocks, reach):
+    """A change of one input pixel moves the outputs within the flow's receptive field only: a block's subnet (two
+    k x k convolutions, separable or not) reaches k - 1 pixels; 1 x 1 subnets none (block i takes the i-th kernel
+    size of the cycle: (1, 3) starts with 1 x 1)."""
+    torch.manual_seed(0)
+    flow = _randomize(parallel_flow(4, 9, 9, blocks, 0, 1.9, kernels, separable)).eval()
+    x = torch.randn(1, 4, 9, 9)
+    moved = x.clone()
+    moved[0, :, 4, 4] += 1.0
+    with torch.no_grad():
+        changed = (flow(moved)[0] - flow(x)[0]).abs().amax(1)[0] > 1e-6
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    assert int(torch.maximum((rows - 4).abs(), (cols - 4).abs()).max()) == reach, changed.int()
 
 
 def test_fusion_coupling_is_invertible():
@@ -78,7 +99,13 @@ def test_flow_logdet_equals_autograd_jacobian():
 
 
 @pytest.mark.parametrize(
-    "name, overrides", [("vqflow", {}), ("msflow", {}), ("vqflow", {"cadm_placement": "parallel"})]
+    "name, overrides",
+    [
+        ("vqflow", {}),
+        ("msflow", {}),
+        ("vqflow", {"cadm_placement": "parallel"}),
+        ("vqflow", {"flow_kernels": [3, [3, 1], 1], "fusion_kernel": 1, "separable": True}),
+    ],
 )
 def test_whole_model_invertible_and_logdet_matches_autograd(name, overrides):
     model = _model(name, **overrides).double()

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class TrainConfig:
     warmup_epochs: int = 2
     lr_decay_epochs: list[int] = field(default_factory=list)
     lr_decay: float = 0.1
+    schedule: str = "step"  # step: decay at lr_decay_epochs | cosine: anneal to lr x lr_decay by the last epoch
     grad_clip: float = 2.0
     optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
     weight_decay: float = 0.0
@@ -46,6 +48,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -67,6 +71,7 @@ class TrainConfig:
         return OPTIMIZERS[self.optimizer](params, lr=self.lr, weight_decay=self.weight_decay)
 
 
+SCHEDULES = ("step", "cosine")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 PRECISIONS = ("float32", "bfloat16")
 
@@ -156,10 +161,14 @@ def seed_everything(seed: int) -> None:
 
 
 def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Linear warmup from 0.1 x lr over ``warmup_epochs``, then step decay at ``lr_decay_epochs``."""
+    """Linear warmup from 0.1 x lr over ``warmup_epochs``, then step decay at ``lr_decay_epochs`` or (``cosine``)
+    a half cosine from lr down to lr x lr_decay at the end of the last epoch."""
     progress = epoch + step / max(1, steps_per_epoch)
     if progress < cfg.warmup_epochs:
         return cfg.lr * (0.1 + 0.9 * progress / cfg.warmup_epochs)
+    if cfg.schedule == "cosine":
+        done = (progress - cfg.warmup_epochs) / max(1e-9, cfg.epochs - cfg.warmup_epochs)
+        return cfg.lr * (cfg.lr_decay + (1 - cfg.lr_decay) * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
     return cfg.lr * cfg.lr_decay ** sum(epoch >= e for e in cfg.lr_decay_epochs)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+from itertools import cycle, islice
 from typing import Sequence
 
 import torch
@@ -18,15 +20,26 @@ def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
     return clamp * 0.636 * torch.atan(s / clamp)
 
 
-def parallel_flow(channels: int, height: int, width: int, blocks: int, cond_channels: int, clamp: float) -> SequenceINN:
-    """A SequenceINN of AllInOneBlocks with conv subnets, conditioned when ``cond_channels`` > 0."""
+def parallel_flow(
+    channels: int,
+    height: int,
+    width: int,
+    blocks: int,
+    cond_channels: int,
+    clamp: float,
+    kernel_sizes: Sequence[int] = (3,),
+    separable: bool = False,
+) -> SequenceINN:
+    """A SequenceINN of AllInOneBlocks with conv subnets, conditioned when ``cond_channels`` > 0; block i's subnet
+    convolutions are ``kernel_sizes[i % len(kernel_sizes)]`` wide ((3, 1) alternates 3 x 3 and 1 x 1, as FastFlow),
+    depthwise-separable with ``separable``."""
     flow = SequenceINN(channels, height, width)
-    for _ in range(blocks):
+    for kernel_size in islice(cycle(kernel_sizes), blocks):
         flow.append(
             AllInOneBlock,
             cond=0 if cond_channels else None,
             cond_shape=(cond_channels, height, width) if cond_channels else None,
-            subnet_constructor=ConvSubnet,
+            subnet_constructor=partial(ConvSubnet, kernel_size=kernel_size, separable=separable),
             affine_clamping=clamp,
             global_affine_type="SOFTPLUS",
             permute_soft=False,
@@ -43,7 +56,14 @@ class FusionCoupling(nn.Module):
     roles, so every channel of every scale is conditioned on all the others.
     """
 
-    def __init__(self, channels: Sequence[int], cond_channels: int = 0, clamp: float = 1.9):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        cond_channels: int = 0,
+        clamp: float = 1.9,
+        kernel_size: int = 3,
+        separable: bool = False,
+    ):
         super().__init__()
         self.channels = list(channels)
         self.clamp = clamp
@@ -51,7 +71,9 @@ class FusionCoupling(nn.Module):
         passive = [c - c // 2 for c in self.channels]
         active = [c // 2 for c in self.channels]
         self.halves = [(passive, active), (active, passive)]
-        self.subnets = nn.ModuleList(ConvSubnet(sum(src) + cond_channels, 2 * sum(dst)) for src, dst in self.halves)
+        self.subnets = nn.ModuleList(
+            ConvSubnet(sum(src) + cond_channels, 2 * sum(dst), kernel_size, separable) for src, dst in self.halves
+        )
 
     def _split(self, xs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         parts = [torch.split(x, [int(x.shape[1]) - int(x.shape[1]) // 2, int(x.shape[1]) // 2], 1) for x in xs]

@@ -42,18 +42,31 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> torch.Tens
 
 
 class ConvSubnet(nn.Module):
-    """Coupling subnet of MSFlow: conv3x3 -> channel LayerNorm -> ReLU -> conv3x3, last layer zero-initialised."""
+    """Coupling subnet of MSFlow: conv k x k -> channel LayerNorm -> ReLU -> conv k x k (MSFlow: k = 3), the last
+    layer zero-initialised. ``separable``: each k x k convolution is a depthwise k x k followed by a pointwise 1 x 1
+    (MobileNet's factorisation): the same receptive field for about 1/k^2 of the multiply-adds."""
 
-    def __init__(self, channels_in: int, channels_out: int):
+    def __init__(self, channels_in: int, channels_out: int, kernel_size: int = 3, separable: bool = False):
         super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"a coupling subnet's kernel size must be odd and >= 1, got {kernel_size}")
+
+        def conv(cin: int, cout: int) -> nn.Module:
+            if separable and kernel_size > 1:
+                return nn.Sequential(
+                    nn.Conv2d(cin, cin, kernel_size, padding=kernel_size // 2, groups=cin), nn.Conv2d(cin, cout, 1)
+                )
+            return nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2)
+
         self.net = nn.Sequential(
-            nn.Conv2d(channels_in, channels_in, 3, padding=1),
+            conv(channels_in, channels_in),
             LayerNorm2d(channels_in),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels_in, channels_out, 3, padding=1),
+            conv(channels_in, channels_out),
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = self.net[-1][-1] if isinstance(self.net[-1], nn.Sequential) else self.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -49,6 +49,10 @@ class VQFlowConfig:
     num_patterns: int = 128  # K_csp (paper 512)
     flow_blocks: list[int] = field(default_factory=lambda: [2, 5, 8])
     flow_stages: list[int] = field(default_factory=lambda: [1, 2, 3])  # pyramid stages feeding the 3 flows
+    # kernel sizes of each scale's coupling subnets, cycled over its blocks ([3, 1] alternates), and the fusion's
+    flow_kernels: list[list[int]] = field(default_factory=lambda: [[3], [3], [3]])
+    fusion_kernel: int = 3
+    separable: bool = False  # depthwise-separable subnet convolutions (MobileNet's factorisation)
     pool: bool = False  # AvgPool(3, 2, 1) on the flow inputs (MSFlow on stages [0, 1, 2]), halving every scale
     clamp: float = 1.9
     cpc: bool = True
@@ -76,6 +80,9 @@ class VQFlowConfig:
         "pool": True,
         "normalization": "image",
         "cadm_placement": "fusion",
+        "flow_kernels": [[3], [3], [3]],
+        "fusion_kernel": 3,
+        "separable": False,
     }
 
     def __post_init__(self):
@@ -89,6 +96,16 @@ class VQFlowConfig:
             raise ValueError(f"model.flow_stages needs 3 increasing pyramid stages (0-3), got {self.flow_stages}")
         if len(self.flow_blocks) != 3:
             raise ValueError(f"model.flow_blocks needs 3 entries (one per scale), got {self.flow_blocks}")
+        self.flow_kernels = [[k] if isinstance(k, int) else list(k) for k in self.flow_kernels]
+        if len(self.flow_kernels) != 3 or not all(
+            kernels and all(isinstance(k, int) and k >= 1 and k % 2 for k in kernels) for kernels in self.flow_kernels
+        ):
+            raise ValueError(
+                "model.flow_kernels needs 3 entries (one per scale), each an odd kernel size or a list of them "
+                f"cycled over the scale's blocks, got {self.flow_kernels}"
+            )
+        if self.fusion_kernel < 1 or self.fusion_kernel % 2 == 0:
+            raise ValueError(f"model.fusion_kernel must be an odd kernel size >= 1, got {self.fusion_kernel}")
         if self.cadm and not self.cpc:
             raise ValueError("model.cadm needs model.cpc: the base distribution is a function of the prototype")
         if self.cspc_mode not in ("residual", "naive"):
@@ -154,10 +171,10 @@ class VQFlow(AnomalyModel):
             cond_dim = pe_dim + proto_dim
         self.cond_dim = cond_dim
         self.flows = nn.ModuleList(
-            parallel_flow(c, s, s, b, cond_dim, cfg.clamp)
-            for c, s, b in zip(channels, cfg.scale_sizes, cfg.flow_blocks)
+            parallel_flow(c, s, s, b, cond_dim, cfg.clamp, k, cfg.separable)
+            for c, s, b, k in zip(channels, cfg.scale_sizes, cfg.flow_blocks, cfg.flow_kernels)
         )
-        self.fusion = FusionCoupling(channels, proto_dim, cfg.clamp)
+        self.fusion = FusionCoupling(channels, proto_dim, cfg.clamp, cfg.fusion_kernel, cfg.separable)
         if cfg.cadm:
             self.base = ConceptGaussian(cfg.embed_dim, channels)
             if cfg.cadm_mixture == "soft":
