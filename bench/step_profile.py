@@ -27,13 +27,12 @@ from bench.training_step import training_step  # noqa: E402
 from vqflow.config import load_params  # noqa: E402
 
 
-def peak_gflops() -> float:
-    """The AVX2 FMA peak of this process's threads at the clock /proc/cpuinfo reports (nan if unknown)."""
+def cpu_mhz() -> float:
+    """The clock /proc/cpuinfo reports (nan if unknown)."""
     try:
-        mhz = next(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+        return next(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
     except (OSError, StopIteration, ValueError):
         return float("nan")
-    return 32 * mhz / 1000 * torch.get_num_threads()
 
 
 def conv_gflops(shapes: list) -> float:
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for e in convolutions[: args.top]
     ]
-    rates = [c["gflops"] * c["calls_per_step"] / c["forward_ms_per_step"] for c in by_shape if c["gflops"]]
+    rates = [1000 * c["gflops"] * c["calls_per_step"] / c["forward_ms_per_step"] for c in by_shape if c["gflops"]]
     flops_ms = sum(c["gflops"] * c["calls_per_step"] for c in by_shape if c["gflops"])
     shape_ms = sum(c["forward_ms_per_step"] for c in by_shape if c["gflops"])
     lines = [
@@ -111,8 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         "The forward convolutions by shape (their backward costs about twice as much), with the rate they reach "
         "(multiply-adds counted as 2 floating-point operations, stride 1, 'same' padding: the flows' subnets). "
         f"Together {1000 * flops_ms / shape_ms:.0f} GFLOP/s over these shapes ({min(rates):.0f}-{max(rates):.0f} "
-        f"per shape). A core with AVX2 does at most 2 FMA x 8 floats x 2 = 32 float operations per cycle: "
-        f"{peak_gflops():.0f} GFLOP/s for {torch.get_num_threads()} threads at the clock /proc/cpuinfo reports.",
+        f"per shape). A core with AVX2 does at most 2 FMA x 8 floats x 2 = 32 float operations per cycle, so "
+        f"{1000 * flops_ms / shape_ms:.0f} GFLOP/s on {torch.get_num_threads()} threads is that peak at "
+        f"{1000 * flops_ms / shape_ms / 32 / torch.get_num_threads():.1f} GHz (/proc/cpuinfo reports "
+        f"{cpu_mhz() / 1000:.1f} GHz, the base clock of a VM's cores): the convolutions leave an implementation "
+        "little to gain, only fewer multiply-adds would make them faster.",
         "",
         "| input (N, C, H, W) | weight (out, in, kh, kw) | calls / step | forward ms / step | GFLOP/s |",
         "|---|---|---:|---:|---:|",
