@@ -4,7 +4,7 @@
 
 Runs the steps of .ci/run one by one in a fresh clone of the committed HEAD (uncommitted changes are not in it):
 `make install` (a new .venv from the local package index), `make test-fast`, `make test`, `make run`, then the
-dvc.lock check. Writes bench/results/quick_start.{md,json} and the README's quick-start block. A failing step stops
+dvc.lock check. Writes bench/results/quick_start_fresh_clone.{md,json} and the README's quick-start block. A failing step stops
 the run with its log's tail; nothing is written then.
 """
 
@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "",
         f"Measured in a fresh clone of commit {commit.stdout.strip()} by `python -m bench.quick_start` (the steps of "
-        f"`.ci/run`, {minutes(total)} together) on a {kind} machine (training is pinned to AVX2 kernels there "
+        f"`.ci/run`, {minutes(total)} together) on {'an' if kind[0] in 'AE' else 'a'} {kind} machine (training is pinned to AVX2 kernels there "
         "too, as on every x86 machine); `make run` and `make test` install first when .venv is missing.",
     ]
-    print(publish("quick_start", {"steps": rows, "cpu_flags": flags}, "\n".join(lines), "quick-start"))
+    text = "\n".join(lines)
+    print(publish("quick_start_fresh_clone", {"steps": rows, "cpu_flags": flags}, text, "quick_start:fresh_clone"))
 
 
 if __name__ == "__main__":
