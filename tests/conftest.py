@@ -140,6 +140,13 @@ def prefect_api(tmp_path_factory):
         yield url
 
 
+def _inbox_normals(repo, count, start):
+    """``count`` new normal wood images in the repository's retrain inbox (data/inbox)."""
+    from flows.faults import new_normals
+
+    return new_normals(repo / "data/inbox", count, start)
+
+
 def _git(repo, *args):
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from flows.faults import new_normals, scratch_repo
-from tests.conftest import _added, _git, _git_status, flow_repo
+from tests.conftest import _inbox_normals, _added, _git, _git_status, flow_repo
 
 pytestmark = pytest.mark.slow  # Prefect flow runs on a git + DVC repository, retraining
 # (the kill -9 and approval runs are files of their own: test_flows_kill.py, test_flows_approval.py)
@@ -65,10 +65,6 @@ def test_an_experiment_never_changes_the_champion(repo):
     assert (repo / "registry/champions.json").read_text() == record
     _git(repo, "checkout", "HEAD", "--", ".")  # back to the committed run for the next tests
     subprocess.run([dvc, "checkout", "--quiet"], cwd=repo, env=env, capture_output=True)
-
-
-def _new_normals(repo, count, start):
-    return new_normals(repo / "data/inbox", count, start)
 
 
 def test_retrain_takes_feedback_from_an_s3_inbox_at_most_the_cap_per_category(repo):
@@ -146,7 +142,7 @@ def test_a_failing_train_leaves_inbox_dataset_and_champion_unchanged(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _git(repo, "commit", "-q", "-am", "break training")
     added_before = _added(repo)
-    new = _new_normals(repo, 1, 600)
+    new = _inbox_normals(repo, 1, 600)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
     with pytest.raises(Exception, match="stage train failed"):
         retrain(str(repo), push=False)

@@ -7,8 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from flows.faults import new_normals
-from tests.conftest import _added, _git, _git_status
+from tests.conftest import _inbox_normals, _added, _git, _git_status
 
 pytestmark = pytest.mark.slow
 
@@ -16,10 +15,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def repo(trained_repo):
     return trained_repo
-
-
-def _new_normals(repo, count, start):
-    return new_normals(repo / "data/inbox", count, start)
 
 
 def _paused_retrain(repo, api_url):
@@ -60,7 +55,7 @@ def test_a_required_approval_pauses_with_the_diff_and_does_what_the_answer_says(
     _git(repo, "commit", "-qam", "retrain: a person approves promotions")
     main_before = subprocess.run(["git", "rev-parse", "main"], cwd=repo, capture_output=True, text=True).stdout
     champion_before = champion(repo / "registry/champions.json")["tag"]
-    new = _new_normals(repo, 1, 950)
+    new = _inbox_normals(repo, 1, 950)
     thread, done, run, question = _paused_retrain(repo, prefect_api)
     thread.join()
     assert run is not None and "| mean mad |" in question and f"the champion {champion_before}" in question, question
@@ -92,7 +87,7 @@ def test_a_required_approval_pauses_with_the_diff_and_does_what_the_answer_says(
             assert record_after["reason"].startswith(f"approved by alice ({note}); "), record_after
         assert len(set(_added(repo)) - added_before) >= 1 and not any(p.exists() for p in new), "the images landed"
         assert _git_status(repo) == ""
-        new = _new_normals(repo, 1, 960 + index)
+        new = _inbox_normals(repo, 1, 960 + index)
     for path in new:
         path.unlink()
     (repo / "params.yaml").write_text(original)

@@ -5,8 +5,7 @@ import subprocess
 
 import pytest
 
-from flows.faults import new_normals
-from tests.conftest import _manifest_rows
+from tests.conftest import _inbox_normals, _manifest_rows
 
 pytestmark = pytest.mark.slow
 
@@ -18,10 +17,6 @@ ONE_PER_RECOVERY_PATH = ("after dvc add", "during export", "after landing")
 @pytest.fixture(scope="module")
 def repo(trained_repo):
     return trained_repo
-
-
-def _new_normals(repo, count, start):
-    return new_normals(repo / "data/inbox", count, start)
 
 
 def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9(repo, prefect_api):
@@ -37,7 +32,7 @@ def test_retrain_quarantines_versions_promotes_and_survives_a_kill_9(repo, prefe
     champion_before = json.loads((repo / "registry/champions.json").read_text())[-1]["tag"]
     main_before = subprocess.run(["git", "rev-parse", "main"], cwd=repo, capture_output=True, text=True).stdout
     rows_before = _manifest_rows(repo)
-    new = _new_normals(repo, 2, 700)
+    new = _inbox_normals(repo, 2, 700)
     images = {digest(p): p.name for p in new}
     (repo / "data/inbox/wood/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     for name, marker, delay in [point for point in KILL_POINTS if point[0] in ONE_PER_RECOVERY_PATH]:
